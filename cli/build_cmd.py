@@ -1,0 +1,168 @@
+"""`dhf-cache build` and `dhf-cache info`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from dhf_cache.cli.app import app, human_bytes, log, print_json, report_errors
+from dhf_cache.config import SD15_MODEL_ID, BuildOptions, CodecSpec, Preprocessing, StorageSpec
+from dhf_cache.errors import UsageError
+
+BUILD_EPILOG = """
+**Examples**
+
+Build SD 1.5 features for SPair-71k's test images on a GPU (the paper's setting):
+
+    dhf-cache build --dataset spair:/data/SPair-71k --split test --cache spair.zarr --batch-size 8
+
+Offline, on the embedded sample data with the tiny model (CPU, seconds):
+
+    dhf-cache tiny-model tiny && dhf-cache sample-data sample
+    dhf-cache build --dataset spair:sample --cache demo.zarr --model tiny --load-size 64 --image-size 64
+
+The one-step variant (a single UNet call at t = -1):
+
+    dhf-cache build --dataset folder:photos --cache onestep.zarr --steps 1 --save-steps 0
+
+Rerunning the same command continues where a killed or failed build stopped.
+"""
+
+
+def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected comma-separated integers such as 49,45,40") from None
+
+
+@app.command(epilog=BUILD_EPILOG)
+@report_errors
+def build(
+    dataset: Annotated[str, typer.Option(help="spair:PATH (SPair-71k layout) or folder:PATH (all images below PATH).")],
+    cache: Annotated[str, typer.Option(help="Cache URL: a folder, file://, or any fsspec URL such as s3://bucket/c.zarr.")],
+    model: Annotated[str, typer.Option(help="Hub id (looked up in the local HF cache first) or a local pipeline folder.")] = SD15_MODEL_ID,
+    split: Annotated[Optional[str], typer.Option(help="SPair split whose pairs' images to build (trn, val, test); all when omitted.")] = None,
+    load_size: Annotated[int, typer.Option(help="Images are first resized to LOAD_SIZE x LOAD_SIZE (PIL bilinear): the paper's 64/224/512.")] = 512,
+    image_size: Annotated[int, typer.Option(help="Model input size the loaded image is then upsampled to (512 for SD).")] = 512,
+    steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = 50,
+    save_steps: Annotated[Optional[str], typer.Option(help="Step indices to store, clean first (S-1 = cleanest). Default for 50 steps: 49,45,40,...,5,0.")] = None,
+    layers: Annotated[str, typer.Option(help="up (default: the 12 up-block resnets), down, mid, all, or comma-separated module names.")] = "up",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images that share each UNet call.")] = 1,
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float16 on CUDA, float32 otherwise), float32, float16, bfloat16.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the sampled VAE latents (each image's generator derives from seed and image id).")] = 0,
+    zstd_level: Annotated[int, typer.Option(min=1, max=22, help="zstd compression level of stored chunks.")] = 3,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Build only the first N images (by id).")] = None,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).")] = 89_478_485,
+    storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options for remote caches.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Invert every image once and store all its layer x timestep feature maps in a Zarr cache."""
+    from dhf_cache.datasets import open_dataset
+    from dhf_cache.pipelines.build import BuildRequest, run_build
+    from dhf_cache.storage import parse_storage_options
+
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise UsageError(f"--dtype {dtype!r}: use auto, float32, float16 or bfloat16")
+    try:
+        preprocessing = Preprocessing(load_size=load_size, image_size=image_size, seed=seed)
+    except ValueError as exc:
+        raise UsageError(f"--load-size/--image-size: {exc.errors()[0]['msg']}") from None
+    request = BuildRequest(
+        dataset=open_dataset(dataset),
+        cache_url=cache,
+        model=model,
+        split=split,
+        steps=steps,
+        save_steps=_int_list(save_steps, "--save-steps"),
+        layers=layers,
+        preprocessing=preprocessing,
+        dtype=dtype,
+        storage=StorageSpec(codec=CodecSpec(level=zstd_level)),
+        storage_options=parse_storage_options(storage_options),
+    )
+    options = BuildOptions(batch_size=batch_size, device=device, max_pixels=max_pixels, limit=limit, progress=progress)
+    result = run_build(request, options, log=log)
+    summary = {
+        "cache": result.url,
+        "n_images": result.n_images,
+        "n_skipped": result.n_skipped,
+        "n_built": result.n_built,
+        "n_failed": len(result.failures),
+        "failures": [{"id": i, "error": e} for i, e in result.failures],
+        "seconds": round(result.seconds, 2),
+        "images_per_second": round(result.n_built / result.seconds, 4) if result.seconds else None,
+        "interrupted": result.interrupted,
+    }
+    if json_output:
+        print_json(summary)
+    else:
+        typer.echo(
+            f"built {result.n_built} image(s), skipped {result.n_skipped} already done, "
+            f"{len(result.failures)} failed, in {result.seconds:.1f} s "
+            f"({summary['images_per_second'] or 0:.3g} img/s) -> {result.url}"
+        )
+        for image_id, error in result.failures:
+            typer.secho(f"  FAILED {image_id}: {error}", fg=typer.colors.RED, err=True)
+        if result.failures:
+            typer.echo("Fix or remove the failed files and rerun the same command; finished images are kept.", err=True)
+    if result.interrupted:
+        raise typer.Exit(130)
+    if result.failures:
+        raise typer.Exit(1)
+
+
+INFO_EPILOG = """
+**Examples**
+
+    dhf-cache info spair.zarr
+    dhf-cache info s3://lab/caches/spair.zarr --storage-options '{"endpoint_url": "http://minio:9000"}' --json
+"""
+
+
+@app.command(epilog=INFO_EPILOG)
+@report_errors
+def info(
+    url: Annotated[str, typer.Argument(help="Cache URL.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print everything as JSON.")] = False,
+    storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+) -> None:
+    """Describe a cache: spec, fingerprint, layers, timesteps, images done, failures, bytes."""
+    from dhf_cache.cache import FeatureCache
+    from dhf_cache.storage import parse_storage_options
+
+    data = FeatureCache.open(url, parse_storage_options(storage_options)).info()
+    if json_output:
+        print_json(data)
+        return
+    spec = data["spec"]
+    space, pre = spec["feature_space"], spec["preprocessing"]
+    fp = data["fingerprint"]
+    model = space["model"]
+    echo = typer.echo
+    echo(f"cache          {data['url']}  (format {data['format_version']}, {data['provenance'].get('created_by', '?')})")
+    echo(f"fingerprint    feature_space {fp['feature_space'][:16]}  preprocessing {fp['preprocessing'][:16]}  spec {fp['spec'][:16]}")
+    echo(f"model          {model['unet_class']} unet {model['unet_sha256'][:16]}  (loaded from {data['provenance'].get('model_source', '?')})")
+    echo(f"features       {space['source']} DDIM, {space['steps']} steps, prompt {space['prompt']!r}, capture {space['capture']}, stored {space['storage_dtype']}")
+    echo(f"saved steps    {', '.join(map(str, data['save_steps']))}  (clean first)")
+    echo(f"timesteps      {', '.join(map(str, data['timesteps']))}  (UNet t of each stored step)")
+    echo(f"preprocessing  load {pre['load_size']} -> input {pre['image_size']}, {pre['resampling']}, {pre['latent']} latent, seed {pre['seed']}, compute {spec['compute']['dtype']}")
+    echo(f"images         {data['n_done']} done / {data['n_images']}, {len(data['failures'])} failed")
+    echo(f"layers         {len(data['layers'])}, {sum(l['channels'] for l in data['layers'])} channels in all")
+    for layer in data["layers"]:
+        echo(f"  {layer['name']:<28} {layer['channels']:>5} x {layer['height']:>3} x {layer['width']:<3}")
+    codec = spec["storage"]["codec"]
+    ratio = data["compression_ratio"]
+    echo(
+        f"storage        {human_bytes(data['bytes'])} on disk, features {human_bytes(data['feature_bytes'])}; "
+        f"native fp16 {human_bytes(data['feature_bytes_per_image_native_fp16'])}/image; "
+        f"{codec['name']} level {codec['level']} + {codec['checksum']}"
+        + (f", compression ratio {ratio:.2f}x" if ratio else "")
+    )
+    for failure in data["failures"]:
+        typer.secho(f"  FAILED {failure['id']}: {failure['error']}", fg=typer.colors.RED)

@@ -1,0 +1,14 @@
+"""Entry point of the `dhf-cache` console script."""
+
+from __future__ import annotations
+
+from dhf_cache.cli import build_cmd, demo_cmd, tools_cmd  # noqa: F401  (registers commands)
+from dhf_cache.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

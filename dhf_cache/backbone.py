@@ -1,0 +1,148 @@
+"""Loading a Stable Diffusion backbone (hub id or local directory) and naming its identity.
+
+Only the parts the inversion needs are loaded: UNet, VAE, text encoder and tokenizer (no
+safety checker). A hub id is looked up in the local Hugging Face cache first and downloaded
+only when that misses and offline mode is off; a model that cannot be found raises
+`ModelNotFoundError` saying what was tried and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dhf_cache.config import ModelIdentity
+from dhf_cache.errors import ModelNotFoundError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Backbone:
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    source: str
+    _identity: ModelIdentity | None = field(default=None, repr=False)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        if self._identity is None:
+            self._identity = ModelIdentity(
+                unet_class=type(self.unet).__name__,
+                unet_sha256=weights_sha256(self.unet),
+                vae_sha256=weights_sha256(self.vae, extra=f"scaling_factor={self.vae.config.scaling_factor}"),
+                text_encoder_sha256=weights_sha256(self.text_encoder),
+            )
+        return self._identity
+
+    def to(self, device: str | torch.device) -> Backbone:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device).eval().requires_grad_(False)
+        return self
+
+
+def weights_sha256(module: nn.Module, extra: str = "") -> str:
+    """sha256 over (name, shape, fp16 bytes) of every tensor in the state dict, in name order.
+
+    Rounding to fp16 makes the fp32 and fp16 files of one checkpoint hash the same.
+    """
+    digest = hashlib.sha256(extra.encode())
+    state = module.state_dict()
+    for name in sorted(state):
+        tensor = state[name]
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers info logs and loading bars out of our progress output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_components(source: str, local_files_only: bool, dtype: torch.dtype) -> Backbone:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_libraries()
+    kwargs = {"local_files_only": local_files_only}
+    weights = {**kwargs, "torch_dtype": dtype}
+    return Backbone(
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+        source=source,
+    )
+
+
+def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load `model` (a local pipeline directory or a hub id) on the CPU in `dtype`."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "unet" / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"--model {model}: {path} exists but is not a diffusers pipeline directory "
+                "(no unet/config.json). Pass the folder written by `save_pretrained` or "
+                "`huggingface-cli download`, or a hub id such as "
+                "stable-diffusion-v1-5/stable-diffusion-v1-5."
+            )
+        try:
+            return _load_components(str(path), True, dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"--model {model}: could not load the pipeline in {path}: {exc}") from None
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an org/name id
+        raise ModelNotFoundError(
+            f"--model {model}: no such directory. Pass an existing pipeline directory or a hub id."
+        )
+    tried = [f"local directory {path.resolve()} (does not exist)"]
+    try:
+        return _load_components(model, True, dtype)
+    except (OSError, ValueError) as exc:
+        tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {_first_line(exc)}")
+    if hub_offline():
+        tried.append("download: skipped, HF_HUB_OFFLINE is set")
+    else:
+        try:
+            return _load_components(model, False, dtype)
+        except (OSError, ValueError) as exc:
+            tried.append(f"download from the Hugging Face Hub: {_first_line(exc)}")
+    raise ModelNotFoundError(
+        f"--model {model}: model not found. Tried:\n  - "
+        + "\n  - ".join(tried)
+        + f"\nFix: on a machine with internet run `huggingface-cli download {model}` (and copy "
+        "the cache here), or pass a local pipeline directory with --model DIR."
+    )
+
+
+def _hf_cache_dir() -> str:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return str(HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - huggingface_hub always ships with diffusers
+        return "~/.cache/huggingface/hub"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,282 @@
+"""The feature cache: a Zarr v3 group that other stages, machines and versions can trust.
+
+Layout (DESIGN.md):
+
+    <root>/zarr.json            attributes: dhf_cache format version, spec, fingerprint,
+                                layer table, timesteps, save steps, provenance
+    features/<layer>            (N, T, C, H, W) float16, chunk = one image, zstd + crc32c
+    latents                     (N, 4, h, w) float32, the sampled initial latent of each image
+    image_ids                   (N,) strings
+    done                        (N,) bool, chunk 1: set last, after all of an image is written
+    sizes                       (N, 2) int32 [width, height] of the image as used (EXIF applied)
+    errors                      (N,) strings, chunk 1: why an image could not be built ('' = none)
+
+Only the coordinator (`FeatureCache.prepare`) creates arrays or writes metadata; workers only
+write the chunks of their own images (`write_image`, `record_failure`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dhf_cache import __version__
+from dhf_cache.config import FORMAT_VERSION, BuildSpec
+from dhf_cache.errors import CacheError, SpecMismatchError, UsageError
+from dhf_cache.extract import ExtractedImage, LayerInfo
+from dhf_cache.fingerprint import spec_differences, spec_fingerprints
+from dhf_cache.storage import open_store, stored_bytes
+
+FEATURES = "features"
+PER_IMAGE_ARRAYS = ("latents", "done", "sizes", "errors")
+IDS_CHUNK = 4096
+
+
+def _compressors(spec: BuildSpec):
+    import zarr.codecs as zc
+
+    codec = spec.storage.codec
+    return [zc.ZstdCodec(level=codec.level), zc.Crc32cCodec()]
+
+
+class FeatureCache:
+    """A handle on an existing cache. Open with `FeatureCache.open` or `FeatureCache.prepare`."""
+
+    def __init__(self, group, url: str):
+        attrs = group.attrs.asdict()
+        meta = attrs.get("dhf_cache")
+        if not isinstance(meta, dict):
+            raise CacheError(f"{url}: a Zarr group, but not a dhf-cache cache (no 'dhf_cache' attribute)")
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CacheError(
+                f"{url}: cache format version {version!r} is newer than this dhf-cache understands "
+                f"({FORMAT_VERSION}); upgrade dhf-cache"
+            )
+        self.group = group
+        self.url = url
+        self.meta = meta
+        self.spec = BuildSpec.model_validate(meta["spec"])
+        self.fingerprint: dict[str, str] = meta["fingerprint"]
+        self.layers = [LayerInfo(**d) for d in meta["layers"]]
+        self.timesteps: list[int] = list(meta["timesteps"])
+        self._ids: list[str] | None = None
+        self._arrays: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- opening and creating
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> FeatureCache:
+        import zarr
+
+        store = open_store(url, storage_options, read_only=(mode == "r"))
+        try:
+            group = zarr.open_group(store=store, mode="r" if mode == "r" else "r+")
+        except FileNotFoundError:
+            raise CacheError(f"{url}: no cache here; build one with `dhf-cache build --cache {url}`") from None
+        return cls(group, url)
+
+    @classmethod
+    def prepare(
+        cls,
+        url: str,
+        spec: BuildSpec,
+        layers: Sequence[LayerInfo],
+        timesteps: Sequence[int],
+        image_ids: Sequence[str],
+        latent_shape: Sequence[int],
+        provenance: dict | None = None,
+        storage_options: dict | None = None,
+    ) -> FeatureCache:
+        """Create the cache, or check an existing one has this spec; then add unseen image ids.
+
+        Refuses (SpecMismatchError) when the existing cache was built with another spec.
+        """
+        import zarr
+
+        store = open_store(url, storage_options)
+        try:
+            group = zarr.open_group(store=store, mode="r+")
+        except FileNotFoundError:
+            group = None
+        if group is None:
+            group = zarr.open_group(store=store, mode="w-")
+            cache = cls._create(group, url, spec, layers, timesteps, tuple(latent_shape), provenance or {})
+        else:
+            if not group.attrs.asdict() and not list(group.keys()):
+                raise CacheError(f"{url}: an empty Zarr group is in the way; remove it or pick another --cache")
+            cache = cls(group, url)
+            cache.check_spec(spec, layers)
+        cache.add_images(image_ids)
+        return cache
+
+    @classmethod
+    def _create(cls, group, url, spec, layers, timesteps, latent_shape, provenance) -> FeatureCache:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "spec": spec.model_dump(mode="json"),
+            "fingerprint": spec_fingerprints(spec),
+            "layers": [layer.as_dict() for layer in layers],
+            "timesteps": [int(t) for t in timesteps],
+            "save_steps": list(spec.feature_space.save_steps),
+            "provenance": {
+                "created_by": f"dhf-cache {__version__}",
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **provenance,
+            },
+        }
+        compressors = _compressors(spec)
+        n_steps = len(spec.feature_space.save_steps)
+        features = group.create_group(FEATURES)
+        full = {"write_empty_chunks": True}
+        for layer in layers:
+            shape = (n_steps, layer.channels, layer.height, layer.width)
+            features.create_array(
+                layer.name, shape=(0, *shape), chunks=(1, *shape), dtype="float16",
+                compressors=compressors, fill_value=0, config=full,
+            )
+        group.create_array(
+            "latents", shape=(0, *latent_shape), chunks=(1, *latent_shape), dtype="float32",
+            compressors=compressors, fill_value=0, config=full,
+        )
+        group.create_array("image_ids", shape=(0,), chunks=(IDS_CHUNK,), dtype=str)
+        group.create_array("done", shape=(0,), chunks=(1,), dtype=bool, fill_value=False)
+        group.create_array("sizes", shape=(0, 2), chunks=(1, 2), dtype="int32", fill_value=0)
+        group.create_array("errors", shape=(0,), chunks=(1,), dtype=str)
+        group.attrs["dhf_cache"] = meta  # written last: a cache without it is not a cache yet
+        return cls(group, url)
+
+    def check_spec(self, spec: BuildSpec, layers: Sequence[LayerInfo] | None = None) -> None:
+        differences = spec_differences(self.spec, spec)
+        if layers is not None and [l.as_dict() for l in layers] != [l.as_dict() for l in self.layers]:
+            differences.append(
+                f"layer table: cache has {[l.as_dict() for l in self.layers]}, "
+                f"this model gives {[l.as_dict() for l in layers]}"
+            )
+        if differences:
+            raise SpecMismatchError(
+                f"{self.url} was built with a different spec; refusing to mix features. Differences:\n  "
+                + "\n  ".join(differences)
+                + "\nBuild into a new --cache, or use the cache's settings (`dhf-cache info "
+                + f"{self.url}`).",
+                differences,
+            )
+
+    def add_images(self, image_ids: Iterable[str]) -> list[str]:
+        """Append ids the cache does not hold yet (coordinator only); returns the new ids."""
+        known = set(self.image_ids)
+        new = list(dict.fromkeys(i for i in image_ids if i not in known))
+        if not new:
+            return []
+        if any(not isinstance(i, str) or not i for i in new):
+            raise UsageError("image ids must be non-empty strings")
+        n_old = len(self.image_ids)
+        n = n_old + len(new)
+        for arr in self._per_image_arrays():
+            arr.resize((n, *arr.shape[1:]))
+        ids = self._array("image_ids")
+        ids.resize((n,))
+        ids[n_old:] = np.array(new)
+        self._ids = None
+        return new
+
+    # ---------------------------------------------------------------- arrays
+    def _array(self, path: str):
+        if path not in self._arrays:
+            self._arrays[path] = self.group[path]
+        return self._arrays[path]
+
+    def feature_array(self, layer: str):
+        return self._array(f"{FEATURES}/{layer}")
+
+    def _per_image_arrays(self):
+        return [self.feature_array(l.name) for l in self.layers] + [self._array(n) for n in PER_IMAGE_ARRAYS]
+
+    @property
+    def image_ids(self) -> list[str]:
+        if self._ids is None:
+            arr = self._array("image_ids")
+            self._ids = [str(x) for x in arr[:]] if arr.shape[0] else []
+        return self._ids
+
+    def index_of(self) -> dict[str, int]:
+        return {image_id: i for i, image_id in enumerate(self.image_ids)}
+
+    def done_mask(self) -> np.ndarray:
+        arr = self._array("done")
+        return np.asarray(arr[:], dtype=bool) if arr.shape[0] else np.zeros(0, dtype=bool)
+
+    def sizes(self) -> np.ndarray:
+        arr = self._array("sizes")
+        return np.asarray(arr[:]) if arr.shape[0] else np.zeros((0, 2), dtype=np.int32)
+
+    def errors(self) -> list[str]:
+        arr = self._array("errors")
+        return [str(x) for x in arr[:]] if arr.shape[0] else []
+
+    def failures(self) -> list[dict[str, str]]:
+        """Images whose last build attempt failed and that are not done."""
+        done = self.done_mask()
+        return [
+            {"id": image_id, "error": err}
+            for image_id, err, ok in zip(self.image_ids, self.errors(), done)
+            if err and not ok
+        ]
+
+    # ---------------------------------------------------------------- per-image writes (workers)
+    def write_image(self, index: int, image: ExtractedImage, size: tuple[int, int]) -> None:
+        """Write every array of one image, then its `done` flag (so a crash never half-counts it)."""
+        for layer in self.layers:
+            self.feature_array(layer.name)[index] = image.features[layer.name]
+        self._array("latents")[index] = image.latent
+        self._array("sizes")[index] = np.asarray(size, dtype=np.int32)
+        self._array("errors")[index] = ""
+        self._array("done")[index] = True
+
+    def record_failure(self, index: int, message: str) -> None:
+        self._array("errors")[index] = message
+
+    # ---------------------------------------------------------------- reads
+    def read_features(
+        self, index: int, layers: Sequence[str] | None = None, positions: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """One image's stored maps: layer -> (T, C, H, W) float16 (optionally a subset of T)."""
+        names = layers or [l.name for l in self.layers]
+        out = {}
+        for name in names:
+            arr = self.feature_array(name)
+            out[name] = arr[index] if positions is None else arr[index][list(positions)]
+        return out
+
+    def read_latent(self, index: int) -> np.ndarray:
+        return self._array("latents")[index]
+
+    # ---------------------------------------------------------------- summary
+    def info(self) -> dict[str, Any]:
+        done = self.done_mask()
+        n_done = int(done.sum())
+        raw_per_image = sum(
+            len(self.timesteps) * l.channels * l.height * l.width * 2 for l in self.layers
+        )
+        store = self.group.store
+        total = stored_bytes(store)
+        feature_bytes = stored_bytes(store, FEATURES)
+        return {
+            "url": self.url,
+            "format_version": self.meta["format_version"],
+            "fingerprint": self.fingerprint,
+            "spec": self.meta["spec"],
+            "provenance": self.meta.get("provenance", {}),
+            "layers": [l.as_dict() for l in self.layers],
+            "timesteps": self.timesteps,
+            "save_steps": self.meta["save_steps"],
+            "n_images": len(self.image_ids),
+            "n_done": n_done,
+            "failures": self.failures(),
+            "bytes": total,
+            "feature_bytes": feature_bytes,
+            "feature_bytes_per_image_native_fp16": raw_per_image,
+            "compression_ratio": (raw_per_image * n_done / feature_bytes) if n_done and feature_bytes else None,
+        }

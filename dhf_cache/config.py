@@ -1,0 +1,144 @@
+"""Typed, frozen configs: built once at the CLI edge and passed down.
+
+`BuildSpec` is what a cache *is* (it is stored in the cache and fingerprinted); `BuildOptions`
+is how one run builds it (device, batch size, ...), which never changes the stored values.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_VERSION = 1
+
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# METHOD.md: saved inversion step indices (49 = cleanest), stored clean first.
+SD15_SAVE_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)
+DEFAULT_STEPS = 50
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SchedulerSpec(Frozen):
+    """DDIM settings of METHOD.md (not the model's own scheduler config, whose offset is 1)."""
+
+    kind: Literal["ddim"] = "ddim"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    steps_offset: int = 0
+    timestep_spacing: Literal["leading"] = "leading"
+
+
+class ModelIdentity(Frozen):
+    """What the features depend on, not where the model was loaded from.
+
+    Weights are hashed after rounding to fp16, so the fp32 files and the fp16 variant of the
+    same checkpoint (and a CPU fp32 or GPU fp16 build of them) share one identity.
+    """
+
+    unet_class: str
+    unet_sha256: str
+    vae_sha256: str
+    text_encoder_sha256: str
+
+
+class FeatureSpace(Frozen):
+    """Everything that decides what a stored feature means; a checkpoint binds to this."""
+
+    model: ModelIdentity
+    scheduler: SchedulerSpec = SchedulerSpec()
+    source: Literal["inversion"] = "inversion"
+    steps: int = Field(DEFAULT_STEPS, ge=1)
+    save_steps: tuple[int, ...] = SD15_SAVE_STEPS
+    layers: tuple[str, ...]
+    capture: Literal["resnet.conv2"] = "resnet.conv2"
+    prompt: str = ""
+    storage_dtype: Literal["float16"] = "float16"
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> FeatureSpace:
+        validate_save_steps(self.steps, self.save_steps)
+        if not self.layers:
+            raise ValueError("at least one layer must be captured")
+        return self
+
+
+class Preprocessing(Frozen):
+    """How an image file becomes the latent the inversion starts from."""
+
+    load_size: int = Field(512, ge=8)
+    image_size: int = Field(512, ge=8)
+    resampling: Literal["bilinear"] = "bilinear"
+    latent: Literal["sample"] = "sample"
+    seed: int = 0
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"image_size must be a multiple of 8 (the VAE factor), got {v}")
+        return v
+
+
+class ComputeSpec(Frozen):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class CodecSpec(Frozen):
+    name: Literal["zstd"] = "zstd"
+    level: int = Field(3, ge=1, le=22)
+    checksum: Literal["crc32c"] = "crc32c"
+
+
+class StorageSpec(Frozen):
+    codec: CodecSpec = CodecSpec()
+
+
+class BuildSpec(Frozen):
+    """The whole spec of a cache; stored in its root attributes and fingerprinted."""
+
+    feature_space: FeatureSpace
+    preprocessing: Preprocessing = Preprocessing()
+    compute: ComputeSpec = ComputeSpec()
+    storage: StorageSpec = StorageSpec()
+
+
+class BuildOptions(Frozen):
+    """How one run builds (never changes stored values)."""
+
+    batch_size: int = Field(1, ge=1)
+    device: str = "cpu"
+    max_pixels: int = Field(89_478_485, ge=1)  # PIL's decompression-bomb limit
+    limit: int | None = Field(None, ge=1)
+    progress: bool = True
+
+
+def validate_save_steps(steps: int, save_steps: tuple[int, ...]) -> None:
+    """Save steps are inversion step indices in [0, steps), listed clean first (descending)."""
+    if not save_steps:
+        raise ValueError("save_steps must name at least one step")
+    bad = [s for s in save_steps if not 0 <= s < steps]
+    if bad:
+        raise ValueError(f"save_steps {bad} outside 0..{steps - 1} for {steps} steps")
+    if len(set(save_steps)) != len(save_steps):
+        raise ValueError(f"save_steps has duplicates: {list(save_steps)}")
+    if list(save_steps) != sorted(save_steps, reverse=True):
+        raise ValueError(
+            f"save_steps must be listed clean first (descending indices), got {list(save_steps)}"
+        )
+
+
+def default_save_steps(steps: int) -> tuple[int, ...]:
+    """METHOD.md's 11 indices for 50 steps; otherwise up to 11 evenly spaced, clean first."""
+    if steps == DEFAULT_STEPS:
+        return SD15_SAVE_STEPS
+    n = min(11, steps)
+    if n == 1:
+        return (steps - 1,)
+    picks = {round((steps - 1) * (1 - k / (n - 1))) for k in range(n)}
+    return tuple(sorted(picks, reverse=True))

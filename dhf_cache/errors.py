@@ -1,0 +1,50 @@
+"""One error root for everything the user can fix; the CLI prints these without a traceback.
+
+Each message names the bad value and says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class DhfCacheError(Exception):
+    """Root of every error dhf-cache reports to a user."""
+
+    exit_code = 1
+
+
+class UsageError(DhfCacheError):
+    """An option or argument has a value that cannot work."""
+
+    exit_code = 2
+
+
+class ModelNotFoundError(DhfCacheError):
+    """`--model` names neither a local directory nor a model in the Hugging Face cache."""
+
+
+class DatasetError(DhfCacheError):
+    """A dataset folder or annotation file is missing or malformed."""
+
+
+class ImageError(DhfCacheError):
+    """One image cannot be used; recorded as a failure and the build goes on."""
+
+
+class FeatureError(DhfCacheError):
+    """Features of one image cannot be stored faithfully (e.g. fp16 overflow)."""
+
+
+class CacheError(DhfCacheError):
+    """A cache is missing, unreadable, or not a dhf-cache store."""
+
+
+class SpecMismatchError(CacheError):
+    """A cache was built with a different spec than the one asked for."""
+
+    def __init__(self, message: str, differences: list[str]):
+        super().__init__(message)
+        self.differences = differences
+
+
+class StorageError(CacheError):
+    """The storage behind a cache failed (I/O error, unreachable or timed-out object store)."""

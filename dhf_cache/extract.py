@@ -1,0 +1,169 @@
+"""Stage one's computation: image -> sampled latent -> DDIM inversion -> captured feature maps.
+
+A batch of images shares every UNet call; each image's latent noise comes from its own
+generator seeded from (seed, image id), so a feature never depends on which batch, worker or
+device computed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dhf_cache.backbone import Backbone
+from dhf_cache.capture import FeatureCapture
+from dhf_cache.config import FeatureSpace, Preprocessing
+from dhf_cache.inversion import InversionSchedule, ddim_inversion_step, make_schedule
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    channels: int
+    height: int
+    width: int
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "channels": self.channels, "height": self.height, "width": self.width}
+
+
+@dataclass
+class ExtractedImage:
+    latent: np.ndarray  # (4, h, w) float32, the sampled and scaled initial latent
+    features: dict[str, np.ndarray]  # layer -> (T, C, H, W) float16, clean first
+    error: str | None = None  # set when the features cannot be stored faithfully
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A 63-bit seed derived from (seed, image id): the same for every worker and batch."""
+    digest = hashlib.sha256(f"{seed}\x00{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class FeatureExtractor:
+    """Runs the inversion of METHOD.md on batches of preprocessed images."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        feature_space: FeatureSpace,
+        preprocessing: Preprocessing,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        self.backbone = backbone
+        self.space = feature_space
+        self.preprocessing = preprocessing
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.schedule: InversionSchedule = make_schedule(feature_space.scheduler, feature_space.steps)
+        # call index -> position on the stored time axis (clean first)
+        self.save_positions = {
+            self.schedule.call_of_step(step): pos for pos, step in enumerate(feature_space.save_steps)
+        }
+        self.capture = FeatureCapture(backbone.unet, feature_space.layers)
+        self.prompt_embedding = self._encode_prompt(feature_space.prompt)
+        vae_config = backbone.vae.config
+        self.vae_factor = 2 ** (len(vae_config.block_out_channels) - 1)
+        self.scaling_factor = float(vae_config.scaling_factor)
+
+    @property
+    def timesteps(self) -> list[int]:
+        """UNet t of each stored step, clean first (e.g. -1, 60, ..., 960)."""
+        return [self.schedule.timestep_of_step(s) for s in self.space.save_steps]
+
+    @torch.inference_mode()
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        tokenizer = self.backbone.tokenizer
+        ids = tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.backbone.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.inference_mode()
+    def encode_latents(self, pixels: torch.Tensor, image_ids: list[str]) -> torch.Tensor:
+        """Sample each image's latent (not the mean) with its own generator; float32 (B, 4, h, w)."""
+        dist = self.backbone.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        mean, std = dist.mean.float(), dist.std.float()
+        noise = torch.stack(
+            [
+                torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(image_seed(self.preprocessing.seed, i)))
+                for i in image_ids
+            ]
+        ).to(self.device)
+        return (mean + std * noise) * self.scaling_factor
+
+    def _unet_eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        emb = self.prompt_embedding.expand(x.shape[0], -1, -1)
+        timestep = torch.tensor(t, device=self.device)
+        return self.backbone.unet(x.to(self.dtype), timestep, encoder_hidden_states=emb).sample.float()
+
+    @torch.inference_mode()
+    def invert(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the inversion from clean to noisy; returns layer -> (B, T, C, H, W) fp16 on CPU."""
+        sched = self.schedule
+        last_call = max(self.save_positions)  # no call after the last saved one is needed
+        n_saved = len(self.save_positions)
+        buffers: dict[str, torch.Tensor] = {}
+        x = latents.float()
+        for i in range(last_call + 1):
+            t, t_next = sched.call_timesteps[i], sched.next_timesteps[i]
+            pos = self.save_positions.get(i)
+            self.capture.enabled = pos is not None
+            eps = self._unet_eps(x, t)
+            if pos is not None:
+                for name, out in self.capture.take().items():
+                    if name not in buffers:
+                        buffers[name] = torch.empty(
+                            (out.shape[0], n_saved, *out.shape[1:]), dtype=torch.float16, device=out.device
+                        )
+                    buffers[name][:, pos] = out
+            if i < last_call:
+                x = ddim_inversion_step(x, eps, sched.alpha(t), sched.alpha(t_next))
+        self.capture.enabled = False
+        return {name: buffers[name].cpu() for name in self.space.layers}
+
+    def extract(self, pixels: torch.Tensor, image_ids: list[str]) -> list[ExtractedImage]:
+        """Features of a batch of preprocessed images (B, 3, S, S) in [-1, 1]."""
+        latents = self.encode_latents(pixels, image_ids)
+        features = self.invert(latents)
+        latents_np = latents.cpu().numpy()
+        timesteps = self.timesteps
+        results = []
+        for b in range(len(image_ids)):
+            per_layer = {name: feats[b].numpy() for name, feats in features.items()}
+            results.append(ExtractedImage(latents_np[b], per_layer, _nonfinite_reason(per_layer, timesteps)))
+        return results
+
+    @torch.inference_mode()
+    def layer_table(self) -> list[LayerInfo]:
+        """Shapes of each captured layer at this image size, from one dry UNet call."""
+        size = self.preprocessing.image_size // self.vae_factor
+        channels = self.backbone.unet.config.in_channels
+        x = torch.zeros(1, channels, size, size, device=self.device)
+        self.capture.enabled = True
+        try:
+            self._unet_eps(x, self.schedule.call_timesteps[0])
+            outputs = self.capture.take()
+        finally:
+            self.capture.enabled = False
+        return [LayerInfo(n, *(int(d) for d in outputs[n].shape[1:])) for n in self.space.layers]
+
+
+def _nonfinite_reason(features: dict[str, np.ndarray], timesteps: list[int]) -> str | None:
+    for name, array in features.items():
+        finite = np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            t = timesteps[int(np.argmin(finite))]
+            return (
+                f"non-finite features (fp16 overflow or NaN) in layer {name} at t={t}; "
+                "the model's activations do not fit in fp16 storage"
+            )
+    return None

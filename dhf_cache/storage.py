@@ -1,0 +1,65 @@
+"""Turning a cache URL (local path, file://, s3://, any fsspec URL) into a Zarr store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dhf_cache.errors import StorageError, UsageError
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    return Path(url.removeprefix("file://")).expanduser()
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """`--storage-options` JSON (an object), e.g. '{"endpoint_url": "http://127.0.0.1:9000"}'."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--storage-options is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--storage-options must be a JSON object, got {text!r}")
+    return value
+
+
+def open_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False):
+    """A zarr store for `url`; local paths use zarr's LocalStore (atomic temp + rename writes)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if is_local(url):
+        if storage_options:
+            raise UsageError("--storage-options only applies to remote URLs such as s3://bucket/cache")
+        path = local_path(url)
+        if read_only and not path.exists():
+            raise StorageError(f"{url}: no such cache (the folder does not exist)")
+        return LocalStore(path, read_only=read_only)
+    try:
+        return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+    except ImportError as exc:
+        raise UsageError(f"{url}: the filesystem for this URL is not installed ({exc})") from None
+    except ValueError as exc:
+        raise UsageError(f"{url}: not a usable storage URL ({exc})") from None
+
+
+def stored_bytes(store, prefix: str = "") -> int:
+    """Bytes stored under `prefix` (all chunk and metadata objects)."""
+    if hasattr(store, "root") and isinstance(getattr(store, "root", None), Path):
+        root = store.root / prefix if prefix else store.root
+        total = 0
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                if not name.endswith(".partial"):
+                    total += os.path.getsize(os.path.join(dirpath, name))
+        return total
+    from zarr.core.sync import sync
+
+    return int(sync(store.getsize_prefix(prefix)))

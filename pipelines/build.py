@@ -1,0 +1,220 @@
+"""Stage one: invert every image once and store its feature maps in the cache.
+
+The loop is plain: load a batch of images, run the shared inversion, hand the results to a
+writer thread (so compression and disk writes overlap the next batch's UNet calls), and let the
+writer set each image's `done` flag after all its arrays are written. Bad images become failure
+records; the build goes on and reports them at the end.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dhf_cache.backbone import DTYPES, load_backbone
+from dhf_cache.cache import FeatureCache
+from dhf_cache.capture import resolve_layers
+from dhf_cache.config import BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, Preprocessing, StorageSpec
+from dhf_cache.datasets import Dataset, ImageRecord
+from dhf_cache.device import resolve_device
+from dhf_cache.errors import DhfCacheError, ImageError, StorageError, UsageError
+from dhf_cache.extract import ExtractedImage, FeatureExtractor
+from dhf_cache.images import load_image, preprocess
+from dhf_cache.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build: the parts of the spec a user chooses (the model fills in the rest)."""
+
+    dataset: Dataset
+    cache_url: str
+    model: str
+    split: str | None = None
+    steps: int = 50
+    save_steps: tuple[int, ...] | None = None
+    layers: str | tuple[str, ...] = "up"
+    preprocessing: Preprocessing = Preprocessing()
+    dtype: str = "auto"
+    storage: StorageSpec = StorageSpec()
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class BuildResult:
+    url: str
+    n_images: int
+    n_skipped: int  # already done before this run
+    n_built: int
+    failures: list[tuple[str, str]]
+    seconds: float
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.interrupted
+
+
+def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity, compute_dtype: str) -> BuildSpec:
+    from dhf_cache.config import default_save_steps
+
+    save_steps = request.save_steps if request.save_steps is not None else default_save_steps(request.steps)
+    try:
+        space = FeatureSpace(model=identity, steps=request.steps, save_steps=save_steps, layers=extractor_layers)
+    except ValueError as exc:
+        raise UsageError(f"--steps {request.steps} / --save-steps {list(save_steps)}: {exc}") from None
+    return BuildSpec(
+        feature_space=space,
+        preprocessing=request.preprocessing,
+        compute=ComputeSpec(dtype=compute_dtype),
+        storage=request.storage,
+    )
+
+
+def run_build(
+    request: BuildRequest,
+    options: BuildOptions = BuildOptions(),
+    log: Callable[[str], None] = print,
+) -> BuildResult:
+    start = time.perf_counter()
+    records = request.dataset.images(request.split)
+    if options.limit:
+        records = records[: options.limit]
+    device = resolve_device(options.device)
+    dtype_name = request.dtype if request.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
+    log(f"loading model {request.model} on {device} ({dtype_name})")
+    backbone = load_backbone(request.model, DTYPES[dtype_name])
+    identity = backbone.identity  # hashed on the CPU, rounded to fp16 (see ModelIdentity)
+    backbone.to(device)
+    layers = resolve_layers(backbone.unet, request.layers)
+    spec = make_spec(request, layers, identity, dtype_name)
+    extractor = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, DTYPES[dtype_name])
+    cache = FeatureCache.prepare(
+        request.cache_url,
+        spec,
+        extractor.layer_table(),
+        extractor.timesteps,
+        [r.id for r in records],
+        latent_shape=_latent_shape(extractor),
+        provenance={"model_source": request.model, "dataset": request.dataset.spec},
+        storage_options=request.storage_options,
+    )
+    index = cache.index_of()
+    done = cache.done_mask()
+    groups = _batch_groups(records, index, options.batch_size)
+    todo = {r.id for r in records if not done[index[r.id]]}
+    n_skipped = len(records) - len(todo)
+    log(
+        f"cache {request.cache_url}: {len(records)} images requested, {n_skipped} already done, "
+        f"{len(todo)} to build ({len(layers)} layers x {len(extractor.timesteps)} steps)"
+    )
+    failures: list[tuple[str, str]] = []
+    writer = _Writer(cache, failures, progress_bar(len(todo), "build", unit="img", enabled=options.progress))
+    interrupted = False
+    try:
+        for group in groups:
+            if not any(r.id in todo for r in group):
+                continue
+            loaded = []
+            for record in group:
+                try:
+                    if record.error:
+                        raise ImageError(f"{record.id}: {record.error}")
+                    image = load_image(record.path, options.max_pixels)
+                    loaded.append((record, image))
+                except ImageError as exc:
+                    if record.id in todo:
+                        writer.put(index[record.id], None, None, str(exc), record.id)
+            if not loaded:
+                continue
+            pixels = torch.stack(
+                [preprocess(im, spec.preprocessing.load_size, spec.preprocessing.image_size) for _, im in loaded]
+            )
+            results = extractor.extract(pixels, [r.id for r, _ in loaded])
+            for (record, image), result in zip(loaded, results):
+                if record.id in todo:
+                    writer.put(index[record.id], result, image.size, result.error, record.id)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: finishing the writes already computed; rerun the same command to continue")
+    finally:
+        writer.close()
+    n_built = writer.n_written
+    return BuildResult(request.cache_url, len(records), n_skipped, n_built, failures,
+                       time.perf_counter() - start, interrupted)
+
+
+def _latent_shape(extractor: FeatureExtractor) -> tuple[int, int, int]:
+    side = extractor.preprocessing.image_size // extractor.vae_factor
+    return (int(extractor.backbone.unet.config.in_channels), side, side)
+
+
+def _batch_groups(records: list[ImageRecord], index: dict[str, int], size: int) -> list[list[ImageRecord]]:
+    """Fixed batches by cache position (index // size), so every run batches an image with the
+    same neighbours: batched convolutions round differently for different batch compositions,
+    and a resumed build must store exactly what an uninterrupted one stores. A batch with some
+    images already done is recomputed whole; only its missing images are written."""
+    groups: dict[int, list[ImageRecord]] = {}
+    for record in sorted(records, key=lambda r: index[r.id]):
+        groups.setdefault(index[record.id] // size, []).append(record)
+    return list(groups.values())
+
+
+class _Writer:
+    """A thread that writes finished images (or failure records) while the next batch computes."""
+
+    def __init__(self, cache: FeatureCache, failures: list, bar):
+        self.cache = cache
+        self.failures = failures
+        self.bar = bar
+        self.n_written = 0
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._run, name="dhf-cache-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, index: int, result: ExtractedImage | None, size, error: str | None, image_id: str) -> None:
+        if self.error is not None:
+            raise self._storage_error()
+        self._queue.put((index, result, size, error, image_id))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure; nothing more is written
+            index, result, size, error, image_id = item
+            try:
+                if error:
+                    self.cache.record_failure(index, error)
+                    self.failures.append((image_id, error))
+                else:
+                    self.cache.write_image(index, result, size)
+                    self.n_written += 1
+                self.bar.update(1)
+                self.bar.set_postfix(failed=len(self.failures), refresh=False)
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                self.error = exc
+
+    def _storage_error(self) -> DhfCacheError:
+        exc = self.error
+        if isinstance(exc, DhfCacheError):
+            return exc
+        return StorageError(
+            f"writing to {self.cache.url} failed: {type(exc).__name__}: {exc}. Images written so far "
+            "are kept; fix the storage and rerun the same command to continue."
+        )
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.bar.close()
+        if self.error is not None:
+            raise self._storage_error()

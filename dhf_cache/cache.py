@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dhf_cache import __version__
 from dhf_cache.config import FORMAT_VERSION, BuildSpec
 from dhf_cache.errors import CacheError, SpecMismatchError, UsageError
-from dhf_cache.extract import ExtractedImage, LayerInfo
+from dhf_cache.layers import LayerInfo
 from dhf_cache.fingerprint import spec_differences, spec_fingerprints
 from dhf_cache.storage import open_store, stored_bytes
+
+if TYPE_CHECKING:  # stages two and three import the cache without stage one's modules
+    from dhf_cache.extract import ExtractedImage
 
 FEATURES = "features"
 PER_IMAGE_ARRAYS = ("latents", "done", "sizes", "errors")
@@ -226,7 +229,7 @@ class FeatureCache:
         ]
 
     # ---------------------------------------------------------------- per-image writes (workers)
-    def write_image(self, index: int, image: ExtractedImage, size: tuple[int, int]) -> None:
+    def write_image(self, index: int, image: "ExtractedImage", size: tuple[int, int]) -> None:
         """Write every array of one image, then its `done` flag (so a crash never half-counts it)."""
         for layer in self.layers:
             self.feature_array(layer.name)[index] = image.features[layer.name]

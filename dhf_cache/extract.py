@@ -17,17 +17,7 @@ from dhf_cache.backbone import Backbone
 from dhf_cache.capture import FeatureCapture
 from dhf_cache.config import FeatureSpace, Preprocessing
 from dhf_cache.inversion import InversionSchedule, ddim_inversion_step, make_schedule
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    name: str
-    channels: int
-    height: int
-    width: int
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "channels": self.channels, "height": self.height, "width": self.width}
+from dhf_cache.layers import LayerInfo
 
 
 @dataclass

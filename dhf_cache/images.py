@@ -7,6 +7,7 @@ Each problem raises `ImageError` naming the file, so a build records it and goes
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dhf_cache.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_header(path: Path) -> Image.Image:
+    """`Image.open` (reads the header only) with PIL's global bomb limit lifted for the call, so
+    that `max_pixels`, checked right after, is the limit: PIL has no per-call limit, and its
+    default would otherwise refuse any image above 89M pixels whatever `max_pixels` says."""
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
@@ -33,7 +47,7 @@ def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _open_header(path) as im:
                 width, height = im.size
                 if width * height > max_pixels:
                     raise ImageError(

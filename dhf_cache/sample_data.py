@@ -77,7 +77,10 @@ def _apply(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 def _view(photo: Image.Image, rng: np.random.Generator, out_w: int, out_h: int):
-    """A random perspective view of `photo` at (out_w, out_h); returns (image, H photo->view)."""
+    """A random perspective view of `photo` at (out_w, out_h); returns (image, H photo->view).
+
+    H maps pixel indices (the keypoint convention) of the photo to those of the view.
+    """
     w, h = photo.size
     corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float64)
     angle = np.deg2rad(rng.uniform(-15, 15))
@@ -96,7 +99,11 @@ def _view(photo: Image.Image, rng: np.random.Generator, out_w: int, out_h: int):
     view = ImageEnhance.Brightness(view).enhance(rng.uniform(0.7, 1.3))
     view = ImageEnhance.Contrast(view).enhance(rng.uniform(0.7, 1.3))
     view = ImageEnhance.Color(view).enhance(rng.uniform(0.5, 1.5))
-    return view, forward
+    # PIL samples output pixel (i, j) at the continuous point (i + 0.5, j + 0.5) and `forward` maps
+    # continuous points; keypoints are pixel indices, so return H in pixel-index coordinates.
+    to_index = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+    pixel_forward = to_index @ forward @ np.linalg.inv(to_index)
+    return view, pixel_forward / pixel_forward[2, 2]
 
 
 def write_sample_data(root: str | Path, seed: int = 0, size: int = 192, split_views: dict | None = None,
@@ -104,6 +111,8 @@ def write_sample_data(root: str | Path, seed: int = 0, size: int = 192, split_vi
     """Write the data set under `root` in the SPair-71k layout; deterministic for `seed`."""
     root = Path(root)
     split_views = split_views or SPLIT_VIEWS
+    if any(n < 2 for n in split_views.values()):
+        raise ValueError(f"every split needs at least 2 views per photo to form pairs, got {split_views}")
     rng = np.random.default_rng(seed)
     pair_counts = {s: 0 for s in split_views}
     layout: dict[str, list[str]] = {s: [] for s in split_views}

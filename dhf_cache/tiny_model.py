@@ -63,6 +63,17 @@ TINY_TEXT_CONFIG = {
     "projection_dim": 32,
 }
 
+# SD 1.5's UNet config (diffusers' defaults spelled out): for shape tests and benchmarks with
+# random weights, since the real weights cannot be downloaded here.
+SD15_UNET_CONFIG = {
+    **TINY_UNET_CONFIG,
+    "sample_size": 64,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "norm_num_groups": 32,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
 # The scheduler shipped with SD 1.5 (the build uses METHOD.md's own DDIM settings regardless).
 SD15_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,
@@ -143,6 +154,14 @@ def build_tiny_pipeline(seed: int = 0):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_sd15_unet(seed: int = 0):
+    """An SD 1.5-shaped UNet (860M parameters) with seeded random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**SD15_UNET_CONFIG)
 
 
 def write_tiny_model(directory: str | Path, seed: int = 0) -> Path:

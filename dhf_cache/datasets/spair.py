@@ -46,7 +46,10 @@ class SPairDataset(Dataset):
         folder = self.root / "PairAnnotation" / split
         if layout.is_file():
             names = [line.strip() for line in layout.read_text().splitlines() if line.strip()]
-            return [folder / f"{name}.json" for name in names]
+            try:
+                return [safe_join(folder, f"{name}.json") for name in names]
+            except DatasetError as exc:
+                raise DatasetError(f"{layout}: {exc}; a pair name must be a file name in {folder}") from None
         return sorted(folder.glob("*.json"))
 
     @lru_cache(maxsize=None)

@@ -1,0 +1,72 @@
+"""Shared fixtures: the tiny SD-shaped model, a miniature sample data set, CLI runners.
+
+Everything is offline and seeded; session-scoped fixtures are read-only (tests that change
+weights or files make their own copies).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from dhf_cache.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_model_dir):
+    """The tiny model loaded on the CPU in float32 (do not modify: shared by tests)."""
+    from dhf_cache.backbone import load_backbone
+
+    return load_backbone(str(tiny_model_dir)).to("cpu")
+
+
+@pytest.fixture(scope="session")
+def mini_spair(tmp_path_factory) -> Path:
+    """8 images (2 photos x 4 views, trn and test) in the SPair-71k layout, 64 px high."""
+    from dhf_cache.sample_data import PHOTOS, write_sample_data
+
+    root = tmp_path_factory.mktemp("data") / "mini-spair"
+    write_sample_data(root, seed=0, size=64, split_views={"trn": 2, "test": 2}, photos=PHOTOS[:2])
+    return root
+
+
+@pytest.fixture
+def copy_dir(tmp_path):
+    def _copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / (name or src.name)
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `dhf-cache ARGS` in a real subprocess (as a user would)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *args],
+        capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
+    )
+
+
+def small_build_args(dataset: str, cache: Path, model: Path, *extra: str) -> list[str]:
+    return [
+        "build", "--dataset", dataset, "--cache", str(cache), "--model", str(model),
+        "--load-size", "64", "--image-size", "64", "--steps", "10", "--save-steps", "9,5,0",
+        "--device", "cpu", "--no-progress", *extra,
+    ]

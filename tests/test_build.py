@@ -1,0 +1,258 @@
+"""`dhf-cache build` end to end: bad inputs, failures, resume, spec mismatch, info, model lookup."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import ROOT, cli, small_build_args
+from dhf_cache.cache import FeatureCache
+from dhf_cache.cli.app import app
+from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), env={"HF_HUB_OFFLINE": "1"})
+
+
+def _photo(w=48, h=40, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    arr[: h // 4, : w // 4] = (255, 0, 0)  # a red marker in the top-left corner
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory) -> Path:
+    """Every kind of image a real collection contains, good and bad."""
+    root = tmp_path_factory.mktemp("messy")
+    (root / "sub").mkdir()
+    _photo(seed=1).save(root / "good.jpg")
+    _photo(seed=2).convert("L").save(root / "gray.png")
+    rgba = _photo(seed=3).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "rgba.png")
+    _photo(seed=4).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray((np.arange(40 * 48).reshape(40, 48) * 30).astype(np.uint16)).save(root / "sixteen.png")
+    _photo(seed=5).convert("P", palette=Image.ADAPTIVE).save(root / "sub" / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    _photo(w=48, h=32, seed=6).save(root / "rotated.jpg", exif=exif.tobytes())
+    _photo(w=300, h=300, seed=7).save(root / "huge.png")
+    (root / "corrupt.jpg").write_bytes(os.urandom(600))
+    good = (root / "good.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+FAILING = {"corrupt.jpg", "truncated.jpg", "empty.png", "huge.png"}
+GOOD = {"good.jpg", "gray.png", "rgba.png", "cmyk.jpg", "sixteen.png", "sub/palette.png", "rotated.jpg"}
+
+
+def test_bad_images_are_recorded_and_the_build_goes_on(tmp_path, messy_folder, tiny_model_dir):
+    cache = tmp_path / "messy.zarr"
+    args = small_build_args(f"folder:{messy_folder}", cache, tiny_model_dir, "--batch-size", "3",
+                            "--max-pixels", "50000")
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for name in FAILING:
+        assert f"FAILED {name}:" in result.output
+    assert "built 7 image(s)" in result.output
+    c = FeatureCache.open(str(cache))
+    done = dict(zip(c.image_ids, c.done_mask()))
+    assert {k for k, v in done.items() if v} == GOOD
+    reasons = {f["id"]: f["error"] for f in c.failures()}
+    assert set(reasons) == FAILING
+    assert "empty file" in reasons["empty.png"]
+    assert "decompression-bomb" in reasons["huge.png"] and "90,000" in reasons["huge.png"]
+    assert "truncated" in reasons["truncated.jpg"] or "corrupt" in reasons["truncated.jpg"]
+    assert "not a readable image" in reasons["corrupt.jpg"]
+    sizes = dict(zip(c.image_ids, c.sizes().tolist()))
+    assert sizes["rotated.jpg"] == [32, 48]  # EXIF orientation applied: width and height swap
+    assert sizes["good.jpg"] == [48, 40]
+
+    # a rerun retries only the failures and leaves finished images untouched
+    chunk = cache / "features" / "up_blocks.3.resnets.2" / "c" / str(c.index_of()["good.jpg"])
+    before = {p: p.stat().st_mtime_ns for p in chunk.rglob("*") if p.is_file()}
+    (messy_folder / "empty.png").write_bytes((messy_folder / "good.jpg").read_bytes())  # the user fixes one
+    try:
+        again = invoke(*args, "--json")
+    finally:
+        (messy_folder / "empty.png").write_bytes(b"")
+    assert again.exit_code == 1
+    summary = json.loads(again.stdout)
+    assert summary["n_skipped"] == 7 and summary["n_built"] == 1 and summary["n_failed"] == 3
+    assert {p: p.stat().st_mtime_ns for p in chunk.rglob("*") if p.is_file()} == before
+    assert FeatureCache.open(str(cache)).done_mask().sum() == 8
+
+
+def test_spair_annotations_naming_missing_or_escaping_files_are_failures(tmp_path, mini_spair, tiny_model_dir, copy_dir):
+    data = copy_dir(mini_spair, "spair")
+    pair_files = sorted((data / "PairAnnotation" / "test").glob("*.json"))
+    escaping = json.loads(pair_files[0].read_text())
+    escaping["src_imname"] = "../../../../etc/passwd"
+    pair_files[0].write_text(json.dumps(escaping))
+    missing = json.loads(pair_files[1].read_text())
+    missing_image = data / "JPEGImages" / missing["category"] / missing["trg_imname"]
+    missing_image.unlink()
+    result = invoke(*small_build_args(f"spair:{data}", tmp_path / "c.zarr", tiny_model_dir, "--split", "test"))
+    assert result.exit_code == 1
+    c = FeatureCache.open(str(tmp_path / "c.zarr"))
+    reasons = {f["id"]: f["error"] for f in c.failures()}
+    escaping_id = f"{escaping['category']}/../../../../etc/passwd"
+    assert "leaves the dataset folder" in reasons[escaping_id]
+    assert "file not found" in reasons[f"{missing['category']}/{missing['trg_imname']}"]
+    assert c.done_mask().sum() == len(c.image_ids) - 2
+
+
+def test_non_finite_features_are_refused_not_stored(tmp_path, tiny_model_dir, mini_spair):
+    from diffusers import UNet2DConditionModel
+
+    model = tmp_path / "overflow-model"
+    shutil.copytree(tiny_model_dir, model)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    with np.errstate(all="ignore"):
+        unet.up_blocks[3].resnets[2].conv2.weight.data *= 1e6  # activations beyond fp16's 65504
+    unet.save_pretrained(model / "unet")
+    result = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "c.zarr", model, "--split", "trn"))
+    assert result.exit_code == 1, result.output
+    c = FeatureCache.open(str(tmp_path / "c.zarr"))
+    assert not c.done_mask().any()
+    assert all("non-finite" in f["error"] and "up_blocks.3.resnets.2" in f["error"] for f in c.failures())
+    assert len(c.failures()) == len(c.image_ids) == 4
+
+
+def test_building_with_another_spec_is_refused_with_the_differences(tmp_path, mini_spair, tiny_model_dir):
+    cache = tmp_path / "c.zarr"
+    assert invoke(*small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "trn")).exit_code == 0
+    other = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "trn")
+    other[other.index("--steps") + 1] = "12"
+    other[other.index("--load-size") + 1] = "32"
+    result = invoke(*other)
+    assert result.exit_code == 1
+    assert "different spec" in result.output
+    assert "feature_space.steps: cache has 10, requested 12" in result.output
+    assert "preprocessing.load_size: cache has 64, requested 32" in result.output
+    assert "save_steps" not in result.output  # only fields that differ are listed
+    assert "Traceback" not in result.output
+
+
+def test_another_split_is_appended_to_the_same_cache(tmp_path, mini_spair, tiny_model_dir):
+    cache = tmp_path / "c.zarr"
+    base = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir)
+    assert invoke(*base, "--split", "trn").exit_code == 0
+    first = FeatureCache.open(str(cache))
+    val_ids = list(first.image_ids)
+    val_feats = first.read_features(0)
+    assert invoke(*base, "--split", "test").exit_code == 0
+    c = FeatureCache.open(str(cache))
+    assert c.image_ids[: len(val_ids)] == val_ids and len(c.image_ids) == len(val_ids) + 4
+    assert c.done_mask().all()
+    for name, arr in c.read_features(0).items():
+        assert np.array_equal(arr, val_feats[name])
+
+
+def test_info_describes_the_cache_truthfully(tmp_path, mini_spair, tiny_model_dir):
+    cache = tmp_path / "c.zarr"
+    assert invoke(*small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "test",
+                                    "--layers", "down")).exit_code == 0
+    result = invoke("info", str(cache), "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["n_images"] == 4 and data["n_done"] == 4 and data["failures"] == []
+    assert data["timesteps"] == [-1, 300, 800]  # indices 9, 5, 0 of a 10-step inversion (t step 100)
+    assert [l["name"] for l in data["layers"]] == [f"down_blocks.{i}.resnets.{j}" for i in range(4) for j in range(2)]
+    assert data["layers"][0] == {"name": "down_blocks.0.resnets.0", "channels": 32, "height": 8, "width": 8}
+    on_disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert data["bytes"] == on_disk
+    group = zarr.open_group(str(cache), mode="r")
+    for layer in data["layers"]:
+        arr = group["features"][layer["name"]]
+        assert arr.shape == (4, 3, layer["channels"], layer["height"], layer["width"])
+        assert arr.chunks == (1, 3, layer["channels"], layer["height"], layer["width"])
+        assert arr.dtype == np.float16
+        assert [type(c).__name__ for c in arr.metadata.codecs] == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
+    fp = data["fingerprint"]
+    assert set(fp) == {"feature_space", "preprocessing", "spec"} and all(len(v) == 64 for v in fp.values())
+    text = invoke("info", str(cache))
+    assert "4 done / 4" in text.output and "down_blocks.3.resnets.1" in text.output
+
+
+def test_one_step_variant(tmp_path, mini_spair, tiny_model_dir):
+    cache = tmp_path / "onestep.zarr"
+    args = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "trn")
+    args[args.index("--steps") + 1] = "1"
+    args[args.index("--save-steps") + 1] = "0"
+    assert invoke(*args).exit_code == 0
+    c = FeatureCache.open(str(cache))
+    assert c.timesteps == [-1]
+    assert c.feature_array("up_blocks.0.resnets.0").shape[1] == 1
+
+
+def test_model_that_cannot_be_found_says_what_was_tried(tmp_path, mini_spair):
+    result = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "c.zarr", Path("nobody/no-such-model")))
+    assert result.exit_code == 1
+    assert "model not found" in result.output and "Hugging Face cache" in result.output
+    assert "HF_HUB_OFFLINE" in result.output and "huggingface-cli download nobody/no-such-model" in result.output
+    assert "--model DIR" in result.output and "Traceback" not in result.output
+    not_a_pipeline = tmp_path / "empty-dir"
+    not_a_pipeline.mkdir()
+    result = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "c.zarr", not_a_pipeline))
+    assert result.exit_code == 1 and "not a diffusers pipeline directory" in result.output
+    assert not (tmp_path / "c.zarr").exists()  # nothing written before the model loads
+
+
+def _arrays(cache: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(str(cache), mode="r")
+    out = {}
+    for path, arr in group.arrays():
+        out[path] = arr[:]
+    for path, arr in group["features"].arrays():
+        out[f"features/{path}"] = arr[:]
+    return out
+
+
+def test_resume_after_sigkill_ends_with_the_arrays_of_an_uninterrupted_build(tmp_path, mini_spair, tiny_model_dir):
+    args = lambda cache: small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--batch-size", "2")  # noqa: E731
+    reference = tmp_path / "reference.zarr"
+    assert cli(*args(reference)).returncode == 0
+
+    killed = tmp_path / "killed.zarr"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *args(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = killed / "done" / "c"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (done_dir.is_dir() and any(done_dir.iterdir())):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_done = len(list(done_dir.iterdir()))
+    assert 0 < n_done < 8, "the kill should land mid-build"  # trn + test: 8 images
+
+    rerun = cli(*args(killed), "--json")
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["n_images"] == 8
+    assert summary["n_skipped"] >= n_done and summary["n_built"] == 8 - summary["n_skipped"]
+    want, got = _arrays(reference), _arrays(killed)
+    assert sorted(got) == sorted(want)
+    for path in want:
+        assert np.array_equal(got[path], want[path]), path

@@ -85,7 +85,15 @@ def run_build(
     records = request.dataset.images(request.split)
     if options.limit:
         records = records[: options.limit]
-    device = resolve_device(options.device)
+    extractor, cache = open_build(request, [r.id for r in records], options.device, log)
+    result = build_images(extractor, cache, records, options, log)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str], None]) -> tuple[FeatureExtractor, BuildSpec]:
+    """Load the backbone, resolve layers and steps into a full spec, and ready the extractor."""
+    device = resolve_device(device_name)
     dtype_name = request.dtype if request.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     log(f"loading model {request.model} on {device} ({dtype_name})")
     backbone = load_backbone(request.model, DTYPES[dtype_name])
@@ -94,24 +102,44 @@ def run_build(
     layers = resolve_layers(backbone.unet, request.layers)
     spec = make_spec(request, layers, identity, dtype_name)
     extractor = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, DTYPES[dtype_name])
+    return extractor, spec
+
+
+def open_build(request: BuildRequest, image_ids: list[str], device_name: str,
+               log: Callable[[str], None]) -> tuple[FeatureExtractor, FeatureCache]:
+    """The coordinator's part: the extractor, and the cache created or checked for its spec."""
+    extractor, spec = load_extractor(request, device_name, log)
     cache = FeatureCache.prepare(
         request.cache_url,
         spec,
         extractor.layer_table(),
         extractor.timesteps,
-        [r.id for r in records],
+        image_ids,
         latent_shape=_latent_shape(extractor),
         provenance={"model_source": request.model, "dataset": request.dataset.spec},
         storage_options=request.storage_options,
     )
+    return extractor, cache
+
+
+def build_images(
+    extractor: FeatureExtractor,
+    cache: FeatureCache,
+    records: list[ImageRecord],
+    options: BuildOptions,
+    log: Callable[[str], None] = print,
+) -> BuildResult:
+    """Compute and store every record not done yet; failures are recorded, not raised."""
+    start = time.perf_counter()
+    pre = extractor.preprocessing
     index = cache.index_of()
     done = cache.done_mask()
     groups = _batch_groups(records, index, options.batch_size)
     todo = {r.id for r in records if not done[index[r.id]]}
     n_skipped = len(records) - len(todo)
     log(
-        f"cache {request.cache_url}: {len(records)} images requested, {n_skipped} already done, "
-        f"{len(todo)} to build ({len(layers)} layers x {len(extractor.timesteps)} steps)"
+        f"cache {cache.url}: {len(records)} images requested, {n_skipped} already done, "
+        f"{len(todo)} to build ({len(cache.layers)} layers x {len(cache.timesteps)} steps)"
     )
     failures: list[tuple[str, str]] = []
     writer = _Writer(cache, failures, progress_bar(len(todo), "build", unit="img", enabled=options.progress))
@@ -125,16 +153,13 @@ def run_build(
                 try:
                     if record.error:
                         raise ImageError(f"{record.id}: {record.error}")
-                    image = load_image(record.path, options.max_pixels)
-                    loaded.append((record, image))
+                    loaded.append((record, load_image(record.path, options.max_pixels)))
                 except ImageError as exc:
                     if record.id in todo:
                         writer.put(index[record.id], None, None, str(exc), record.id)
             if not loaded:
                 continue
-            pixels = torch.stack(
-                [preprocess(im, spec.preprocessing.load_size, spec.preprocessing.image_size) for _, im in loaded]
-            )
+            pixels = torch.stack([preprocess(im, pre.load_size, pre.image_size) for _, im in loaded])
             results = extractor.extract(pixels, [r.id for r, _ in loaded])
             for (record, image), result in zip(loaded, results):
                 if record.id in todo:
@@ -144,8 +169,7 @@ def run_build(
         log("interrupted: finishing the writes already computed; rerun the same command to continue")
     finally:
         writer.close()
-    n_built = writer.n_written
-    return BuildResult(request.cache_url, len(records), n_skipped, n_built, failures,
+    return BuildResult(cache.url, len(records), n_skipped, writer.n_written, failures,
                        time.perf_counter() - start, interrupted)
 
 

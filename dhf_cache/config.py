@@ -142,3 +142,24 @@ def default_save_steps(steps: int) -> tuple[int, ...]:
         return (steps - 1,)
     picks = {round((steps - 1) * (1 - k / (n - 1))) for k in range(n)}
     return tuple(sorted(picks, reverse=True))
+
+
+class TrainOptions(Frozen):
+    """Everything that decides what a training run computes (stored in the run's config.json)."""
+
+    split: str = "trn"
+    val_split: str | None = "val"
+    steps: int = Field(5000, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    pairs_per_step: int = Field(1, ge=1)
+    layers: tuple[str, ...] | None = None  # None: every layer the cache holds
+    timesteps: tuple[int, ...] | None = None  # UNet t values; None: every stored step
+    projection_dim: int = Field(384, ge=4)
+    output_size: int = Field(64, ge=1)  # the descriptor grid (METHOD.md: 64)
+    norm_groups: int = Field(32, ge=1)  # GroupNorm groups (METHOD.md: 32); must divide projection_dim / 4
+    val_every: int = Field(1000, ge=1)
+    val_pairs_per_category: int = Field(20, ge=1)
+    val_load_size: int = Field(224, ge=8)
+    seed: int = 0
+    skip_missing: bool = False

@@ -48,3 +48,19 @@ class SpecMismatchError(CacheError):
 
 class StorageError(CacheError):
     """The storage behind a cache failed (I/O error, unreachable or timed-out object store)."""
+
+
+class CheckpointError(DhfCacheError):
+    """A checkpoint is missing, unreadable, or does not fit the cache or run it is used with."""
+
+
+class ReferenceCheckpointError(CheckpointError):
+    """A released reference checkpoint cannot be read or does not fit the layer table."""
+
+
+class TrainingError(DhfCacheError):
+    """Training cannot start or go on (missing images, non-finite loss, ...)."""
+
+
+class EvaluationError(DhfCacheError):
+    """Evaluation cannot run as asked (missing images, unknown raw layer, ...)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dhf_cache.aggregator import AggregationNetwork
-from dhf_cache.errors import DhfCacheError
+from dhf_cache.errors import ReferenceCheckpointError
 from dhf_cache.layers import LayerInfo
 
 REFERENCE_NUM_GROUPS = 32  # GroupNorm groups of every released network (not stored in the file)
@@ -45,10 +45,6 @@ _BLOCK_KEYS = {
 _SHORTCUT_KEYS = {"shortcut.weight", "shortcut_norm.weight", "shortcut_norm.bias"}
 _LAYER_KEY = re.compile(r"^bottleneck_layers\.(\d+)\.")
 _UP_RESNET = re.compile(r"^up_blocks\.(\d+)\.resnets\.(\d+)$")
-
-
-class ReferenceCheckpointError(DhfCacheError):
-    """A released reference checkpoint cannot be read or does not fit the layer table."""
 
 
 def _ref_key(l: int, ours: str) -> str:

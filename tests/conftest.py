@@ -45,6 +45,35 @@ def mini_spair(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """16 images (2 photos x 8 views: 4 trn, 2 val, 2 test) for training tests, 64 px high."""
+    from dhf_cache.sample_data import PHOTOS, write_sample_data
+
+    root = tmp_path_factory.mktemp("data") / "train-spair"
+    write_sample_data(root, seed=1, size=64, split_views={"trn": 4, "val": 2, "test": 2}, photos=PHOTOS[:2])
+    return root
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory, train_data, tiny_model_dir) -> str:
+    """`train_data` built with the tiny model (10 steps, 3 saved); shared, read-only."""
+    from dhf_cache.config import BuildOptions, Preprocessing
+    from dhf_cache.datasets import open_dataset
+    from dhf_cache.pipelines.build import BuildRequest, run_build
+
+    url = str(tmp_path_factory.mktemp("caches") / "train.zarr")
+    request = BuildRequest(dataset=open_dataset(f"spair:{train_data}"), cache_url=url, model=str(tiny_model_dir),
+                           steps=10, save_steps=(9, 5, 0), preprocessing=Preprocessing(load_size=64, image_size=64))
+    result = run_build(request, BuildOptions(batch_size=4, device="cpu", progress=False), log=lambda _: None)
+    assert result.ok and result.n_built == 16
+    return url
+
+
+# Small but complete aggregator settings for CPU tests: P=32 (GroupNorm 8), a 16x16 grid.
+SMALL_NET = ["--projection-dim", "32", "--norm-groups", "8", "--output-size", "16"]
+
+
 @pytest.fixture
 def copy_dir(tmp_path):
     def _copy(src: Path, name: str | None = None) -> Path:

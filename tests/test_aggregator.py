@@ -126,7 +126,9 @@ class ChannelProbe(nn.Module):
         super().__init__()
         self.out_channels = out_channels
 
-    def forward(self, x):
+    def forward(self, x, size=None):
+        if size is not None:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x[:, :1].expand(-1, self.out_channels, -1, -1)
 
 
@@ -207,3 +209,16 @@ def test_input_errors_name_the_problem():
         net({**good, "b": torch.zeros(1, 2, 40, 8, 8)})
     with pytest.raises(UsageError, match="num_groups"):
         AggregationNetwork(SMALL_LAYERS, n_timesteps=1, projection_dim=64, num_groups=32)
+
+
+def test_one_by_one_convs_at_native_resolution_equal_resizing_first():
+    """conv1 and the shortcut commute with bilinear resizing: the fast path is the same function."""
+    torch.manual_seed(0)
+    block = BottleneckBlock(40, 32, 128).eval()
+    x = torch.randn(3, 40, 8, 8)
+    with torch.no_grad():
+        fast = block(x, (64, 64))
+        slow = block(F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False))
+        down = block(torch.randn(2, 40, 80, 80), (64, 64))  # larger maps are resized first
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+    assert down.shape == (2, 128, 64, 64)

@@ -1,0 +1,116 @@
+"""Reading cached feature maps for training and eval: only the chunks a step needs, ahead of time.
+
+`FeatureReader` reads one image's selected layers and timesteps (one chunk per layer, native
+resolution, fp16; upsampling happens later on the device). `Prefetcher` runs the reads for
+the next few steps in background threads, so the step rarely waits, and holds at most `depth`
+results, so memory stays bounded whatever the cache size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+import torch
+
+from dhf_cache.cache import FeatureCache
+from dhf_cache.errors import UsageError
+from dhf_cache.layers import LayerInfo
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class FeatureSelection:
+    """Which cached layers (by name) and time positions (indices into the cache's T axis)."""
+
+    layers: tuple[LayerInfo, ...]
+    positions: tuple[int, ...]
+    timesteps: tuple[int, ...]  # UNet t of each position, for configs and plots
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+def select_features(cache: FeatureCache, layers: Sequence[str] | None = None,
+                    timesteps: Sequence[int] | None = None) -> FeatureSelection:
+    """A subset of what the cache holds (all by default); refuses names or steps it lacks."""
+    by_name = {layer.name: layer for layer in cache.layers}
+    chosen = list(layers) if layers else list(by_name)
+    unknown = [name for name in chosen if name not in by_name]
+    if unknown:
+        raise UsageError(f"--layers {', '.join(unknown)}: not in the cache; it holds {', '.join(by_name)}")
+    steps = list(timesteps) if timesteps is not None and len(timesteps) else list(cache.timesteps)
+    missing = [t for t in steps if t not in cache.timesteps]
+    if missing:
+        raise UsageError(
+            f"--timesteps {', '.join(map(str, missing))}: not in the cache; it holds UNet t = "
+            f"{', '.join(map(str, cache.timesteps))}"
+        )
+    if len(set(chosen)) != len(chosen) or len(set(steps)) != len(steps):
+        raise UsageError("--layers/--timesteps name an entry twice")
+    return FeatureSelection(
+        layers=tuple(by_name[name] for name in chosen),
+        positions=tuple(cache.timesteps.index(t) for t in steps),
+        timesteps=tuple(steps),
+    )
+
+
+class FeatureReader:
+    """One image's selected maps as CPU tensors {layer: (T', C, H, W) float16}."""
+
+    def __init__(self, cache: FeatureCache, selection: FeatureSelection):
+        self.cache = cache
+        self.selection = selection
+        self._all_positions = list(selection.positions) == list(range(len(cache.timesteps)))
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer in self.selection.layers:
+            chunk = self.cache.feature_array(layer.name)[index]  # one chunk: every step of one image
+            if not self._all_positions:
+                chunk = np.ascontiguousarray(chunk[list(self.selection.positions)])
+            out[layer.name] = torch.from_numpy(chunk)
+        return out
+
+
+class Prefetcher(Generic[T, R]):
+    """Yields fn(item) for each item in order, computing up to `depth` ahead in threads.
+
+    `wait_seconds` is the time the consumer spent blocked on results: the loader's share of a
+    training step is wait_seconds / total time.
+    """
+
+    def __init__(self, fn: Callable[[T], R], items: Iterable[T], depth: int = 4, workers: int = 2):
+        if depth < 1 or workers < 1:
+            raise UsageError("prefetch depth and workers must be at least 1")
+        self.fn = fn
+        self.items = items
+        self.depth = depth
+        self.workers = workers
+        self.wait_seconds = 0.0
+
+    def __iter__(self) -> Iterator[R]:
+        items = iter(self.items)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="dhf-cache-prefetch") as pool:
+            pending = deque(pool.submit(self.fn, item) for _, item in zip(range(self.depth), items))
+            try:
+                while pending:
+                    future = pending.popleft()
+                    start = time.perf_counter()
+                    result = future.result()
+                    self.wait_seconds += time.perf_counter() - start
+                    for item in items:
+                        pending.append(pool.submit(self.fn, item))
+                        break
+                    yield result
+            finally:
+                for future in pending:
+                    future.cancel()

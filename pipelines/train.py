@@ -1,0 +1,318 @@
+"""Stage two: train the aggregation network straight from the cache (no diffusers, no inversion).
+
+Each step reads the cached maps of one pair (or `pairs_per_step` pairs), prefetched in the
+background, runs the network on both images and takes an AdamW step on the symmetric
+cross-entropy of METHOD.md. The pair order is a pure function of (seed, step), so a resumed run
+computes exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dhf_cache.aggregator import AggregationNetwork
+from dhf_cache.cache import FeatureCache
+from dhf_cache.checkpoint import load_optimizer_state, make_config, read_json, save_checkpoint, write_json
+from dhf_cache.config import TrainOptions
+from dhf_cache.datasets import PairRecord, open_dataset
+from dhf_cache.descriptors import LRUDescriptors, network_descriptors
+from dhf_cache.device import resolve_device
+from dhf_cache.errors import CheckpointError, TrainingError
+from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, select_features
+from dhf_cache.fingerprint import spec_differences
+from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
+from dhf_cache.progress import progress_bar
+from dhf_cache.scoring import score_pairs
+
+VAL_METRIC = "bbox@0.1"
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    cache_url: str
+    dataset: str
+    out: Path
+    options: TrainOptions = TrainOptions()
+    device: str = "auto"
+    resume: bool = False
+    storage_options: dict = field(default_factory=dict)
+    progress: bool = True
+    prefetch: int = 4
+    loader_workers: int = 2
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    start_step: int
+    end_step: int
+    n_pairs: int
+    skipped: dict[str, int]
+    final_loss: float | None
+    best_val: float | None
+    best_step: int | None
+    last_val: float | None
+    seconds: float
+    loader_wait_seconds: float
+    peak_rss_mb: float
+
+
+@dataclass
+class _Example:
+    pair: PairRecord
+    src_kps: torch.Tensor  # (K, 2) long on the descriptor grid
+    trg_kps: torch.Tensor
+
+
+class PairSchedule:
+    """Which pairs step s (1-based) trains on: epoch-wise permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n_pairs: int, pairs_per_step: int, seed: int):
+        self.n, self.per_step, self.seed = n_pairs, pairs_per_step, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __call__(self, step: int) -> list[int]:
+        out = []
+        for k in range((step - 1) * self.per_step, step * self.per_step):
+            epoch, pos = divmod(k, self.n)
+            if epoch not in self._perms:
+                self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+            out.append(int(self._perms[epoch][pos]))
+        return out
+
+
+def usable_pairs(pairs: list[PairRecord], index: dict[str, int], done: np.ndarray, skip_missing: bool,
+                 what: str, hint: str) -> tuple[list[PairRecord], dict[str, int]]:
+    """Drop pairs without keypoints (counted); refuse (or with skip_missing, drop) pairs whose
+    images the cache has not built."""
+    no_kps = [p for p in pairs if len(p.src_kps) == 0]
+    pairs = [p for p in pairs if len(p.src_kps) > 0]
+    ok = lambda image_id: image_id in index and bool(done[index[image_id]])  # noqa: E731
+    missing = [p for p in pairs if not (ok(p.src) and ok(p.trg))]
+    if missing and not skip_missing:
+        images = sorted({i for p in missing for i in (p.src, p.trg) if not ok(i)})
+        shown = ", ".join(images[:10]) + (f", ... ({len(images)} in all)" if len(images) > 10 else "")
+        raise TrainingError(
+            f"{len(missing)} {what} pairs use images the cache has not built: {shown}. Build them "
+            f"({hint}), or pass --skip-missing to go on with the other {len(pairs) - len(missing)} pairs."
+        )
+    kept = [p for p in pairs if ok(p.src) and ok(p.trg)]
+    return kept, {"no_keypoints": len(no_kps), "missing_images": len(missing)}
+
+
+def pick_val_pairs(pairs: list[PairRecord], per_category: int, seed: int) -> list[PairRecord]:
+    """Up to `per_category` pairs of each category (METHOD.md: 20, i.e. 360 for SPair)."""
+    rng = np.random.default_rng(seed)
+    by_cat: dict[str, list[PairRecord]] = {}
+    for pair in pairs:
+        by_cat.setdefault(pair.category, []).append(pair)
+    chosen = []
+    for cat in sorted(by_cat):
+        items = by_cat[cat]
+        picks = sorted(rng.permutation(len(items))[:per_category])
+        chosen += [items[i] for i in picks]
+    return chosen
+
+
+def features_binding(cache: FeatureCache, selection: FeatureSelection) -> dict:
+    """What a checkpoint records about the features it reads (checked on resume and in eval)."""
+    return {
+        "layers": [layer.as_dict() for layer in selection.layers],
+        "timesteps": list(selection.timesteps),
+        "feature_space": cache.fingerprint["feature_space"],
+        "feature_space_spec": cache.spec.feature_space.model_dump(mode="json"),
+        "preprocessing": cache.spec.preprocessing.model_dump(mode="json"),
+        "cache_fingerprint": cache.fingerprint,
+        "cache_url": cache.url,
+    }
+
+
+def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> TrainResult:
+    opts = request.options
+    started = time.perf_counter()
+    cache = FeatureCache.open(request.cache_url, request.storage_options)
+    dataset = open_dataset(request.dataset)
+    selection = select_features(cache, opts.layers, opts.timesteps)
+    index, done = cache.index_of(), cache.done_mask()
+    build_hint = f"dhf-cache build --dataset {request.dataset} --split {opts.split} --cache {request.cache_url}"
+    train_pairs, skipped = usable_pairs(dataset.pairs(opts.split), index, done, opts.skip_missing, "training", build_hint)
+    if not train_pairs:
+        raise TrainingError(f"no usable training pairs in split {opts.split!r} of {request.dataset}")
+    val_pairs: list[PairRecord] = []
+    if opts.val_split and opts.val_split in dataset.splits:
+        hint = f"dhf-cache build --dataset {request.dataset} --split {opts.val_split} --cache {request.cache_url}"
+        candidates = pick_val_pairs(dataset.pairs(opts.val_split), opts.val_pairs_per_category, opts.seed)
+        val_pairs, val_skipped = usable_pairs(candidates, index, done, opts.skip_missing, "validation", hint)
+        skipped.update({f"val_{k}": v for k, v in val_skipped.items()})
+    elif opts.val_split:
+        log(f"no {opts.val_split!r} split in {request.dataset}: training without validation")
+
+    device = resolve_device(request.device)
+    torch.manual_seed(opts.seed)
+    network = AggregationNetwork(selection.layers, len(selection.positions), opts.projection_dim,
+                                 opts.output_size, opts.norm_groups).to(device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    config = make_config(network, features_binding(cache, selection),
+                         {"options": opts.model_dump(mode="json"), "dataset": request.dataset}, source="trained")
+    start_step, best = _prepare_run(request, config, network, optimizer, log)
+    if start_step >= opts.steps:
+        log(f"{request.out} is already at step {start_step} of {opts.steps}; raise --steps to train further")
+
+    reader = FeatureReader(cache, selection)
+    schedule = PairSchedule(len(train_pairs), opts.pairs_per_step, opts.seed)
+    grid = opts.output_size
+    examples = [
+        _Example(p, grid_keypoints(p.src_kps, p.src_size, grid), grid_keypoints(p.trg_kps, p.trg_size, grid))
+        for p in train_pairs
+    ]
+
+    def load(step: int):
+        batch = [examples[i] for i in schedule(step)]
+        feats = [(reader.read(index[e.pair.src]), reader.read(index[e.pair.trg])) for e in batch]
+        return step, batch, feats
+
+    log(
+        f"training on {len(train_pairs)} pairs ({skipped['no_keypoints']} without keypoints, "
+        f"{skipped['missing_images']} with missing images skipped), {len(val_pairs)} validation pairs; "
+        f"{len(selection.layers)} layers x {len(selection.positions)} timesteps, "
+        f"{sum(p.numel() for p in network.parameters()):,} parameters, on {device}"
+    )
+    prefetcher = Prefetcher(load, range(start_step + 1, opts.steps + 1), request.prefetch, request.loader_workers)
+    bar = progress_bar(opts.steps, "train", unit="step", enabled=request.progress)
+    bar.update(start_step)
+    losses: list[float] = []
+    last_val = None
+    step = start_step
+    loop_start = time.perf_counter()
+    with open(request.out / "metrics.jsonl", "a") as metrics:
+        for step, batch, feats in prefetcher:
+            network.train()
+            loss = _train_step(network, optimizer, batch, feats, device)
+            if not np.isfinite(loss):
+                save_checkpoint(request.out, "last", network, {"step": step - 1, **best}, optimizer)
+                raise TrainingError(
+                    f"the loss became {loss} at step {step} (pair {batch[0].pair.name}); stopped. The weights "
+                    f"before this step are kept in {request.out / 'last'} (step {step - 1}); lower --lr and resume."
+                )
+            losses.append(loss)
+            metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+            if step % opts.val_every == 0 or step == opts.steps:
+                record: dict = {"step": step}
+                if val_pairs:
+                    summary = validate(network, reader, index, val_pairs, opts.val_load_size, device)
+                    last_val = summary[VAL_METRIC]["per_point"]
+                    record["val"] = {k: v for k, v in summary.items() if "@" in k}
+                    if best["best_val"] is None or (last_val is not None and last_val > best["best_val"]):
+                        best = {"best_val": last_val, "best_step": step}
+                        save_checkpoint(request.out, "best", network, {"step": step, "val_pck": last_val})
+                    bar.write(f"step {step}: val PCK {VAL_METRIC} per point = {last_val:.4f} "
+                              f"(best {best['best_val']:.4f} at {best['best_step']})", file=sys.stderr)
+                save_checkpoint(request.out, "last", network, {"step": step, **best}, optimizer)
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+    bar.close()
+    loop_seconds = time.perf_counter() - loop_start
+    return TrainResult(
+        run=request.out, start_step=start_step, end_step=max(step, start_step), n_pairs=len(train_pairs),
+        skipped=skipped, final_loss=float(np.mean(losses[-50:])) if losses else None,
+        best_val=best["best_val"], best_step=best["best_step"], last_val=last_val,
+        seconds=time.perf_counter() - started, loader_wait_seconds=min(prefetcher.wait_seconds, loop_seconds),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+
+
+def _train_step(network, optimizer, batch: list[_Example], feats, device) -> float:
+    names = network.layer_names
+    inputs = {
+        name: torch.stack([img[name] for pair in feats for img in pair]).to(device, non_blocking=True)
+        for name in names
+    }
+    desc = network(inputs)  # (2 * pairs, P, S, S): src, trg, src, trg, ...
+    loss = sum(
+        symmetric_ce_loss(desc[2 * i], desc[2 * i + 1], e.src_kps, e.trg_kps) for i, e in enumerate(batch)
+    ) / len(batch)
+    if not torch.isfinite(loss):
+        return float(loss.detach())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def validate(network, reader: FeatureReader, index: dict[str, int], pairs: list[PairRecord],
+             load_size: int, device) -> dict:
+    """PCK of the current network on `pairs`, from the cache (the protocol of `dhf-cache eval`)."""
+    provider = LRUDescriptors(network_descriptors(network, reader, index, device), capacity=64)
+    accumulator, _ = score_pairs(pairs, provider, load_size, alphas=(0.1,))
+    return accumulator.summary()
+
+
+def _prepare_run(request: TrainRequest, config: dict, network, optimizer, log) -> tuple[int, dict]:
+    """Start a new run folder, or (with --resume) load its last checkpoint after checking that
+    it reads the same features with the same network."""
+    out = request.out
+    best = {"best_val": None, "best_step": None}
+    existing_config = out / "config.json"
+    if existing_config.is_file():
+        if not request.resume:
+            raise CheckpointError(
+                f"--out {out} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        old = read_json(existing_config)
+        problems = _resume_differences(old, config)
+        if problems:
+            raise CheckpointError(f"--resume {out}: the run does not fit this cache or network:\n  " + "\n  ".join(problems))
+        last = out / "last"
+        if not (last / "model.safetensors").is_file():
+            raise CheckpointError(f"--resume {out}: no last/ checkpoint to resume from")
+        from safetensors.torch import load_file
+
+        state = read_json(last / "state.json")
+        network.load_state_dict(load_file(last / "model.safetensors"), strict=True)
+        load_optimizer_state(optimizer, last, state)
+        for group in optimizer.param_groups:  # the options given now win (e.g. a lower --lr)
+            group["lr"], group["weight_decay"] = request.options.lr, request.options.weight_decay
+        best = {"best_val": state.get("best_val"), "best_step": state.get("best_step")}
+        step = int(state["step"])
+        _truncate_metrics(out / "metrics.jsonl", step)
+        log(f"resuming {out} from step {step}")
+    else:
+        if request.resume:
+            log(f"--resume: {out} holds no run yet; starting one")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+        step = 0
+    write_json(existing_config, config)
+    return step, best
+
+
+def _resume_differences(old: dict, new: dict) -> list[str]:
+    problems = []
+    if old.get("features", {}).get("feature_space") != new["features"]["feature_space"]:
+        problems.append("feature space: the run was trained on another cache's features")
+        problems += spec_differences(old["features"].get("feature_space_spec", {}), new["features"]["feature_space_spec"])
+    for key in ("layers", "timesteps"):
+        if old.get("features", {}).get(key) != new["features"][key]:
+            problems.append(f"{key}: run has {old.get('features', {}).get(key)}, now {new['features'][key]}")
+    if old.get("network") != new["network"]:
+        problems += [f"network {line}" for line in spec_differences(old.get("network", {}), new["network"])]
+    return [p.replace("cache has", "run has").replace("requested", "now") for p in problems]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the resumed step (written after the last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,225 @@
+"""`dhf-cache train`: learns from the cache, resumes exactly, refuses bad input clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import ROOT, SMALL_NET
+from dhf_cache.cache import FeatureCache
+from dhf_cache.checkpoint import load_checkpoint
+from dhf_cache.cli import main as _register  # noqa: F401
+from dhf_cache.cli.app import app
+from dhf_cache.config import TrainOptions
+from dhf_cache.datasets import open_dataset
+from dhf_cache.descriptors import network_descriptors
+from dhf_cache.feature_loader import FeatureReader, select_features
+from dhf_cache.pipelines.train import PairSchedule
+from dhf_cache.scoring import score_pairs
+
+runner = CliRunner()
+
+
+def train_args(cache: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--cache", cache, "--dataset", f"spair:{data}", "--out", str(out), "--device", "cpu",
+            "--no-progress", "--val-load-size", "64", *SMALL_NET, *extra]
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, train_cache, train_data) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "trained"
+    result = invoke(*train_args(train_cache, train_data, run, "--steps", "120", "--val-every", "60", "--lr", "3e-3"))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def _test_pck(network, cache_url: str, data: Path) -> float:
+    cache = FeatureCache.open(cache_url)
+    reader = FeatureReader(cache, select_features(cache))
+    pairs = open_dataset(f"spair:{data}").pairs("test")
+    acc, _ = score_pairs(pairs, network_descriptors(network, reader, cache.index_of(), "cpu"), 64, alphas=(0.1,))
+    return acc.summary()["bbox@0.1"]["per_point"]
+
+
+def test_loss_decreases(trained):
+    losses = _losses(trained)
+    assert len(losses) == 120
+    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20])
+
+
+def test_trained_network_matches_held_out_pairs_better_than_untrained(trained, train_cache, train_data):
+    ckpt = load_checkpoint(trained)
+    assert ckpt.path.name == "best"
+    torch.manual_seed(0)  # the initial weights of the run (seed 0)
+    untrained = type(ckpt.network).from_config(ckpt.config["network"]).eval()
+    before, after = _test_pck(untrained, train_cache, train_data), _test_pck(ckpt.network, train_cache, train_data)
+    print(f"test PCK@0.1 untrained {before:.3f} -> trained {after:.3f}")
+    assert after > before + 0.05, (before, after)
+
+
+def test_run_folder_holds_what_the_issue_names(trained, train_cache):
+    config = json.loads((trained / "config.json").read_text())
+    cache = FeatureCache.open(train_cache)
+    assert config["features"]["feature_space"] == cache.fingerprint["feature_space"]
+    assert config["features"]["timesteps"] == cache.timesteps == [-1, 300, 800]
+    assert [l["name"] for l in config["features"]["layers"]] == [l.name for l in cache.layers]
+    assert config["network"]["projection_dim"] == 32 and config["training"]["options"]["lr"] == 3e-3
+    for which in ("last", "best"):
+        assert (trained / which / "model.safetensors").is_file()
+    assert (trained / "last" / "optimizer.safetensors").is_file()
+    state = json.loads((trained / "last" / "state.json").read_text())
+    assert state["step"] == 120 and state["best_step"] in (60, 120)
+    vals = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
+    assert [v["step"] for v in vals] == [60, 120]
+    assert 0 <= vals[-1]["val"]["bbox@0.1"]["per_point"] <= 1
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, train_cache, train_data):
+    common = ("--val-every", "4", "--lr", "3e-3", "--pairs-per-step", "2")
+    straight = tmp_path / "straight"
+    assert invoke(*train_args(train_cache, train_data, straight, "--steps", "12", *common)).exit_code == 0
+    split = tmp_path / "split"
+    assert invoke(*train_args(train_cache, train_data, split, "--steps", "5", *common)).exit_code == 0
+    # the last checkpoint is at step 4 (val-every 4) plus the final step 5; lose step 5's metrics too
+    again = invoke(*train_args(train_cache, train_data, split, "--steps", "12", "--resume", *common))
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.output
+    a, b = load_file(straight / "last" / "model.safetensors"), load_file(split / "last" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert _losses(straight) == pytest.approx(_losses(split), rel=1e-5)
+
+
+def test_existing_run_needs_resume(tmp_path, train_cache, train_data):
+    out = tmp_path / "run"
+    assert invoke(*train_args(train_cache, train_data, out, "--steps", "1")).exit_code == 0
+    result = invoke(*train_args(train_cache, train_data, out, "--steps", "2"))
+    assert result.exit_code == 1 and "pass --resume" in result.output
+
+
+def test_resume_with_another_network_or_feature_space_is_refused(tmp_path, train_cache, train_data, tiny_model_dir, mini_spair):
+    out = tmp_path / "run"
+    assert invoke(*train_args(train_cache, train_data, out, "--steps", "1")).exit_code == 0
+    wider = train_args(train_cache, train_data, out, "--steps", "2", "--resume")
+    wider[wider.index("--projection-dim") + 1] = "64"
+    result = invoke(*wider)
+    assert result.exit_code == 1
+    assert "network projection_dim: run has 32, now 64" in result.output
+    # a cache of another feature space (other saved steps) with the same layers
+    other = tmp_path / "other.zarr"
+    build = ["build", "--dataset", f"spair:{train_data}", "--cache", str(other), "--model", str(tiny_model_dir),
+             "--load-size", "64", "--image-size", "64", "--steps", "10", "--save-steps", "9,4,0",
+             "--device", "cpu", "--no-progress"]
+    assert invoke(*build).exit_code == 0
+    result = invoke(*train_args(str(other), train_data, out, "--steps", "2", "--resume"))
+    assert result.exit_code == 1
+    assert "feature space" in result.output and "save_steps: run has [9, 5, 0], now [9, 4, 0]" in result.output
+
+
+def test_layers_and_timesteps_the_cache_lacks_are_refused(tmp_path, train_cache, train_data):
+    result = invoke(*train_args(train_cache, train_data, tmp_path / "a", "--layers", "up_blocks.7.resnets.0"))
+    assert result.exit_code == 2 and "not in the cache; it holds up_blocks.0.resnets.0" in result.output
+    result = invoke(*train_args(train_cache, train_data, tmp_path / "b", "--timesteps", "-1,60"))
+    assert result.exit_code == 2 and "--timesteps 60" in result.output and "-1, 300, 800" in result.output
+
+
+def test_subset_of_layers_and_timesteps_trains_without_reextraction(tmp_path, train_cache, train_data):
+    out = tmp_path / "subset"
+    result = invoke(*train_args(train_cache, train_data, out, "--steps", "3",
+                                "--layers", "up_blocks.3.resnets.2,up_blocks.2.resnets.0", "--timesteps", "800,-1"))
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(out)
+    assert ckpt.layer_names == ["up_blocks.3.resnets.2", "up_blocks.2.resnets.0"]
+    assert ckpt.timesteps == [800, -1]
+    assert ckpt.network.mixing_weights.numel() == 4
+
+
+def test_pairs_with_missing_images_are_listed_or_skipped(tmp_path, train_data, tiny_model_dir):
+    cache = tmp_path / "partial.zarr"
+    build = ["build", "--dataset", f"spair:{train_data}", "--split", "trn", "--limit", "6", "--cache", str(cache),
+             "--model", str(tiny_model_dir), "--load-size", "64", "--image-size", "64", "--steps", "2",
+             "--save-steps", "1,0", "--device", "cpu", "--no-progress"]
+    assert invoke(*build).exit_code == 0
+    result = invoke(*train_args(str(cache), train_data, tmp_path / "r", "--steps", "2", "--val-split", ""))
+    assert result.exit_code == 1
+    assert "use images the cache has not built: person/astronaut_" in result.output
+    assert "--skip-missing" in result.output
+    result = invoke(*train_args(str(cache), train_data, tmp_path / "r2", "--steps", "2", "--val-split", "",
+                                "--skip-missing", "--json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["pairs"] == 12 + 2 and summary["skipped"]["missing_images"] == 10  # 6 of 8 images built
+
+
+def test_pairs_without_visible_keypoints_are_skipped_and_counted(tmp_path, train_cache, train_data, copy_dir):
+    data = copy_dir(train_data, "data")
+    pair_file = sorted((data / "PairAnnotation" / "trn").glob("*.json"))[0]
+    pair = json.loads(pair_file.read_text())
+    pair["src_kps"], pair["trg_kps"], pair["kps_ids"] = [], [], []
+    pair_file.write_text(json.dumps(pair))
+    result = invoke(*train_args(train_cache, data, tmp_path / "r", "--steps", "2", "--json"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["skipped"]["no_keypoints"] == 1 and summary["pairs"] == 23
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, train_cache, train_data):
+    out = tmp_path / "run"
+    assert invoke(*train_args(train_cache, train_data, out, "--steps", "2", "--val-every", "2")).exit_code == 0
+    good = load_file(out / "last" / "model.safetensors")
+    result = invoke(*train_args(train_cache, train_data, out, "--steps", "40", "--val-every", "100",
+                                "--lr", "1e30", "--resume"))
+    assert result.exit_code == 1
+    assert "the loss became nan" in result.output.lower() and "lower --lr" in result.output
+    state = json.loads((out / "last" / "state.json").read_text())
+    kept = load_file(out / "last" / "model.safetensors")
+    assert 2 <= state["step"] < 40
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    if state["step"] == 2:
+        assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+def test_pair_order_is_a_function_of_seed_and_step():
+    a, b = PairSchedule(10, 2, seed=0), PairSchedule(10, 2, seed=0)
+    order = [a(s) for s in range(1, 11)]
+    assert [b(s) for s in (7, 3, 10, 1)] == [order[6], order[2], order[9], order[0]]
+    first_epoch = sum(order[:5], [])
+    assert sorted(first_epoch) == list(range(10))  # every pair once per epoch
+    assert sum(order[5:], []) != first_epoch  # a new permutation each epoch
+    assert [PairSchedule(10, 2, seed=1)(s) for s in range(1, 6)] != order[:5]
+
+
+def test_training_never_imports_diffusers(tmp_path, train_cache, train_data):
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from dhf_cache.pipelines.train import TrainRequest, run_train\n"
+        "from dhf_cache.config import TrainOptions\n"
+        f"run_train(TrainRequest({train_cache!r}, 'spair:{train_data}', Path({str(tmp_path / 'r')!r}), "
+        "TrainOptions(steps=2, projection_dim=32, norm_groups=8, output_size=16, val_load_size=64), "
+        "device='cpu', progress=False), log=lambda m: None)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_train_options_are_validated():
+    with pytest.raises(ValueError):
+        TrainOptions(steps=0)

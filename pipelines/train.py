@@ -133,6 +133,7 @@ def features_binding(cache: FeatureCache, selection: FeatureSelection) -> dict:
         "preprocessing": cache.spec.preprocessing.model_dump(mode="json"),
         "cache_fingerprint": cache.fingerprint,
         "cache_url": cache.url,
+        "model_source": cache.meta.get("provenance", {}).get("model_source"),
     }
 
 

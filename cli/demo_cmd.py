@@ -1,4 +1,4 @@
-"""`dhf-cache demo`: build (and, once stages two and three land, train and eval) offline."""
+"""`dhf-cache demo`: build, train and eval end to end on the embedded sample data, offline."""
 
 from __future__ import annotations
 
@@ -12,26 +12,30 @@ from dhf_cache.cli.app import app, log, report_errors
 DEMO_EPILOG = """
 **Examples**
 
-    dhf-cache demo                      # tiny model, offline, CPU
-    dhf-cache demo --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda
+    dhf-cache demo                      # tiny random-weight model, offline, a few minutes on a CPU
+    dhf-cache demo --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --workdir demo-sd15
+
+The work folder keeps the model, the sample data, the cache, the run and the eval outputs;
+a second run reuses them.
 """
 
 
 @app.command(epilog=DEMO_EPILOG)
 @report_errors
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the model, sample data and cache go (reused when present).")] = Path("demo-out"),
+    workdir: Annotated[Path, typer.Option(help="Where the model, data, cache, run and evals go (reused when present).")] = Path("demo-out"),
     model: Annotated[Optional[str], typer.Option(help="A real backbone (hub id or folder) instead of the tiny model.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Run the tool end to end on the embedded sample data, offline."""
-    from dhf_cache.cli.build_cmd import info as info_command
-    from dhf_cache.pipelines.demo import DemoPaths, run_demo_build
+    """Build, train and evaluate on the embedded sample data; print trained vs best raw PCK."""
+    from dhf_cache.pipelines.demo import comparison_lines, run_demo
 
-    paths = DemoPaths(workdir)
-    result = run_demo_build(paths, model, device, log, progress)
-    log(f"build: {result.n_built} built, {result.n_skipped} already done, {len(result.failures)} failed")
-    info_command(str(paths.cache), json_output=False, storage_options=None)
-    if not result.ok:
+    result = run_demo(workdir, model, device, log, progress)
+    typer.echo("")
+    for line in comparison_lines(result):
+        typer.echo(line)
+    typer.echo(f"\nreports: {workdir}/eval/trained/report.md, {workdir}/eval/raw-best/report.md; "
+               f"cache: `dhf-cache info {workdir}/features.zarr`")
+    if not result.build.ok:
         raise typer.Exit(1)

@@ -68,6 +68,20 @@ def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
         raise ImageError(f"{path}: corrupt or truncated image data ({exc})") from None
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(W, H) as `load_image` would return it (EXIF orientation applied), from the header only."""
+    path = Path(path)
+    try:
+        with _open_header(path) as im:
+            width, height = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: not a readable image file ({exc})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB from any mode; transparency is composited on white, 16-bit is rescaled."""
     if im.mode == "RGB":

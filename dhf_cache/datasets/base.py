@@ -64,15 +64,17 @@ def safe_join(root: Path, *parts: str) -> Path:
 
 
 def open_dataset(spec: str) -> Dataset:
-    """`spair:PATH` (SPair-71k layout) or `folder:PATH` (every image below PATH)."""
+    """`spair:PATH` (SPair-71k layout), `folder:PATH` (every image below PATH) or
+    `pairs:FILE.json` (users' own keypoint pairs)."""
     from dhf_cache.datasets.folder import FolderDataset
+    from dhf_cache.datasets.pairs import PairsFileDataset
     from dhf_cache.datasets.spair import SPairDataset
 
-    kinds = {"spair": SPairDataset, "folder": FolderDataset}
+    kinds = {"spair": SPairDataset, "folder": FolderDataset, "pairs": PairsFileDataset}
     kind, sep, path = spec.partition(":")
     if not sep or kind not in kinds or not path:
         raise DatasetError(
             f"--dataset {spec!r}: expected KIND:PATH with KIND one of {', '.join(sorted(kinds))}, "
-            "e.g. spair:/data/SPair-71k or folder:./photos"
+            "e.g. spair:/data/SPair-71k, folder:./photos or pairs:./my-pairs.json"
         )
     return kinds[kind](Path(path).expanduser(), spec)

@@ -1,0 +1,88 @@
+"""`dhf-cache eval`: PCK from cached descriptors, with reports, plots and raw baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dhf_cache.cli.app import app, log, print_json, report_errors
+from dhf_cache.errors import UsageError
+
+EVAL_EPILOG = """
+**Examples**
+
+The paper's protocol (SPair-71k test, load size 224, PCK@0.1 with bbox and image thresholds):
+
+    dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --checkpoint runs/dhf --out eval/dhf
+
+A DIFT-style raw baseline from one cached map, and the best single map of all:
+
+    dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --raw up_blocks.1.resnets.1@260 --out eval/raw
+    dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --raw best --out eval/raw-best
+
+Outputs: metrics.json, predictions.jsonl, report.md, pck_per_category.png, mixing_weights.png
+(checkpoints), raw_sweep.png (--raw best) and correspondences/*.png.
+"""
+
+
+def pck_lines(metrics: dict) -> list[str]:
+    """A one-screen PCK table: every key with its three averagings, in percent."""
+    lines = [f"{'PCK':<10} {'per point':>10} {'per image':>10} {'per category':>13}"]
+    for key in sorted(metrics["pck"], key=lambda k: (k.split("@")[0], float(k.split("@")[1]))):
+        row = metrics["pck"][key]
+        cells = ["–" if row[a] is None else f"{100 * row[a]:.1f}" for a in ("per_point", "per_image", "per_category_mean")]
+        lines.append(f"{key:<10} {cells[0]:>10} {cells[1]:>10} {cells[2]:>13}")
+    return lines
+
+
+@app.command("eval", epilog=EVAL_EPILOG)
+@report_errors
+def eval_command(
+    cache: Annotated[str, typer.Option(help="Cache URL built by `dhf-cache build`.")],
+    dataset: Annotated[str, typer.Option(help="spair:PATH or pairs:FILE.json with the keypoint pairs.")],
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json, predictions.jsonl, report.md and plots.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Run folder (RUN uses best/, else last/; or RUN/last).")] = None,
+    raw: Annotated[Optional[str], typer.Option(help="LAYER@T to score one raw cached map (T = UNet timestep), or 'best'.")] = None,
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    alpha: Annotated[str, typer.Option(help="Comma-separated PCK thresholds.")] = "0.05,0.1,0.15",
+    load_size: Annotated[int, typer.Option(min=8, help="Descriptors are upsampled to LOAD_SIZE^2 (the paper: 224).")] = 224,
+    refine: Annotated[str, typer.Option(help="none (hard argmax, the paper) or window-softargmax.")] = "none",
+    limit_per_category: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N pairs of each category.")] = None,
+    skip_missing: Annotated[bool, typer.Option(help="Score the pairs whose images are built; skip the rest.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+    drawings: Annotated[int, typer.Option(min=0, help="Correspondence drawings of the first N pairs.")] = 6,
+    storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
+) -> None:
+    """Score keypoint pairs by PCK from cached descriptors (a checkpoint) or raw cached maps."""
+    from dhf_cache.pipelines.evaluate import EvalRequest, run_eval
+    from dhf_cache.storage import parse_storage_options
+
+    try:
+        alphas = tuple(float(a) for a in alpha.split(",") if a.strip())
+    except ValueError:
+        raise UsageError(f"--alpha {alpha!r}: expected comma-separated numbers such as 0.05,0.1,0.15") from None
+    request = EvalRequest(
+        cache_url=cache, dataset=dataset, out=out, checkpoint=checkpoint, raw=raw, split=split, alphas=alphas,
+        load_size=load_size, refine=refine, limit_per_category=limit_per_category, skip_missing=skip_missing,
+        device=device, storage_options=parse_storage_options(storage_options), progress=progress, drawings=drawings,
+    )
+    result = run_eval(request, log=log)
+    metrics = result.metrics
+    if json_output:
+        print_json(metrics)
+        return
+    typer.echo(f"{metrics['options']['descriptor']}: {metrics['n_pairs']} pairs, {metrics['n_points']} points, "
+               f"{metrics['options']['split']} split, load size {metrics['options']['load_size']}, "
+               f"features from {metrics['feature_source']}")
+    for line in pck_lines(metrics):
+        typer.echo("  " + line)
+    for note in metrics["notes"]:
+        typer.echo(f"  note: {note}")
+    if metrics["descriptors"]:
+        d = metrics["descriptors"]
+        typer.echo(f"  descriptors: {d['computed']} computed, {d['reused']} reused from the cache")
+    typer.echo(f"  {result.seconds:.1f} s -> {result.out}/ (report.md, metrics.json, predictions.jsonl, plots)")

@@ -1,0 +1,215 @@
+"""Descriptors for images that are in no cache: stage one's extraction, run on the fly.
+
+A checkpoint records the build spec of the cache it was trained on (`feature_space_spec`,
+`preprocessing`). `OnTheFlyExtractor` rebuilds that spec, loads the backbone, refuses a model
+whose weights differ from the spec's (features of another model mean something else to the
+aggregator), and runs the same preprocessing, inversion and layer capture as `dhf-cache build`,
+so an image gives the descriptors it would give from a cache (given the same image id, which
+seeds the sampled latent).
+
+Only the checkpoint's layers are captured and the inversion stops at its noisiest timestep:
+what a UNet call computes does not depend on which layers are hooked or on later calls, so the
+result is the same at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from dhf_cache.backbone import DTYPES, Backbone, load_backbone
+from dhf_cache.checkpoint import Checkpoint
+from dhf_cache.config import DEFAULT_STEPS, FeatureSpace, Preprocessing, SchedulerSpec
+from dhf_cache.descriptors import aggregate
+from dhf_cache.device import resolve_device
+from dhf_cache.errors import CheckpointError, FeatureError, ModelNotFoundError, UsageError
+from dhf_cache.extract import FeatureExtractor
+from dhf_cache.images import _to_rgb, preprocess
+
+
+def pixel_id(image: Image.Image) -> str:
+    """An image id from the pixels (size + RGB bytes): the same picture seeds the same latent."""
+    rgb = _to_rgb(image)
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
+    digest.update(rgb.tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def derive_save_steps(timesteps: Sequence[int], steps: int = DEFAULT_STEPS,
+                      scheduler: SchedulerSpec = SchedulerSpec()) -> tuple[int, ...]:
+    """Inversion step indices (clean first) whose UNet calls are at `timesteps` in a `steps` schedule."""
+    from dhf_cache.inversion import make_schedule
+
+    schedule = make_schedule(scheduler, steps)
+    step_of = {schedule.timestep_of_step(s): s for s in range(steps)}
+    missing = [t for t in timesteps if t not in step_of]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint timesteps {missing}: not UNet calls of the {steps}-step DDIM inversion "
+            f"(those are {', '.join(str(schedule.call_timesteps[i]) for i in range(min(steps, 6)))}, ...); "
+            "the feature space cannot be reconstructed. Re-import it with `dhf-cache import-checkpoint "
+            "--cache URL` to bind it to the cache it reads"
+        )
+    return tuple(sorted({step_of[t] for t in timesteps}, reverse=True))
+
+
+def checkpoint_spec(checkpoint: Checkpoint) -> tuple[FeatureSpace | None, Preprocessing | None]:
+    """The (feature space, preprocessing) the checkpoint's cache was built with; (None, None)
+    for an imported checkpoint that was never bound to a cache."""
+    features = checkpoint.features
+    spec = features.get("feature_space_spec")
+    if spec is None:
+        if features.get("feature_space") is not None:
+            raise CheckpointError(
+                f"{checkpoint.path}: config.json binds a feature space ({features['feature_space'][:12]}...) "
+                "but does not record its spec (feature_space_spec), so features cannot be extracted on the fly; "
+                "retrain or re-import the checkpoint with this version of dhf-cache"
+            )
+        return None, None
+    try:
+        space = FeatureSpace.model_validate(spec)
+        pre = Preprocessing.model_validate(features.get("preprocessing") or {})
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint.path}: config.json holds an unreadable build spec ({exc})") from None
+    return space, pre
+
+
+def identity_differences(want: dict, have: dict) -> list[str]:
+    """`field: checkpoint <hash>, loaded model <hash>` for every field of the identity that differs."""
+    return [f"{key}: checkpoint {want.get(key)}, loaded model {have.get(key)}"
+            for key in sorted(set(want) | set(have)) if want.get(key) != have.get(key)]
+
+
+class OnTheFlyExtractor:
+    """Checkpoint descriptors for arbitrary images, extracted with the checkpoint's build spec.
+
+    `model` overrides the checkpoint's recorded `model_source` (hub id or folder), e.g. when
+    the cache was built on another machine. `preprocessing` overrides the recorded load/image
+    size (a checkpoint binds to the feature space, not to a load size: the paper trains at 64
+    and tests at 224); imported checkpoints that record none default to 512/512.
+    `log` receives one-line notes (e.g. that an unbound checkpoint skipped the identity check).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, model: str | None = None, device: str | torch.device = "auto",
+                 preprocessing: Preprocessing | None = None, batch_size: int = 4,
+                 log: Callable[[str], None] = lambda _: None):
+        if batch_size < 1:
+            raise UsageError(f"batch_size={batch_size!r}: must be at least 1")
+        self.checkpoint = checkpoint
+        self.batch_size = batch_size
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        self.dtype = DTYPES["float16"] if self.device.type == "cuda" else DTYPES["float32"]
+        self.notes: list[str] = []
+        space, pre = checkpoint_spec(checkpoint)
+        self.bound = space is not None
+        source = model or checkpoint.features.get("model_source")
+        if not source:
+            raise CheckpointError(
+                f"{checkpoint.path}: the checkpoint records no model it was built with; pass the backbone "
+                "with --model ID|DIR (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+            )
+        try:
+            self.backbone: Backbone = load_backbone(source, self.dtype)
+        except ModelNotFoundError as exc:
+            if model:
+                raise
+            raise ModelNotFoundError(f"{exc}\n(the checkpoint's recorded model source; pass --model to use another "
+                                     "copy of the same model)") from None
+        identity = self.backbone.identity  # hashed on the CPU, rounded to fp16 (device-independent)
+        if space is not None:
+            problems = identity_differences(space.model.model_dump(), identity.model_dump())
+            if problems:
+                raise CheckpointError(
+                    f"model {source} is not the model the checkpoint's features came from (weights differ):\n  "
+                    + "\n  ".join(problems)
+                    + "\nPass --model with the model the cache was built with"
+                    + (f" ({checkpoint.features['model_source']})" if checkpoint.features.get("model_source") else "")
+                )
+        else:
+            space = FeatureSpace(model=identity, steps=DEFAULT_STEPS,
+                                 save_steps=derive_save_steps(checkpoint.timesteps), layers=tuple(checkpoint.layer_names))
+            pre = Preprocessing()
+            self._note(f"{checkpoint.path}: imported checkpoint bound to no feature space; the model's identity "
+                       f"cannot be checked, assuming {source} is the model it was trained with "
+                       f"(SD 1.5 settings, {DEFAULT_STEPS}-step inversion)", log)
+        self.feature_space = space
+        self.preprocessing = preprocessing or pre
+        self.backbone.to(self.device)
+        self._check_layers()
+        self.extractor = FeatureExtractor(self.backbone, self._narrowed(space), self.preprocessing, self.device, self.dtype)
+        positions = {t: i for i, t in enumerate(self.extractor.timesteps)}
+        self.positions = [positions[t] for t in checkpoint.timesteps]
+        self.network = checkpoint.network.to(self.device).eval()
+        if not self.bound:
+            self._check_channels()
+
+    def _note(self, message: str, log: Callable[[str], None]) -> None:
+        self.notes.append(message)
+        log(message)
+
+    def _narrowed(self, space: FeatureSpace) -> FeatureSpace:
+        """The spec restricted to the checkpoint's layers and steps (same values, less work)."""
+        from dhf_cache.inversion import make_schedule
+
+        schedule = make_schedule(space.scheduler, space.steps)
+        by_t = {schedule.timestep_of_step(s): s for s in space.save_steps}
+        missing = [t for t in self.checkpoint.timesteps if t not in by_t]
+        if missing:
+            raise CheckpointError(
+                f"{self.checkpoint.path}: timesteps {missing} are not saved steps of its feature space "
+                f"(UNet t = {sorted(by_t)}); the checkpoint's config.json is inconsistent"
+            )
+        keep = tuple(s for s in space.save_steps if schedule.timestep_of_step(s) in self.checkpoint.timesteps)
+        return FeatureSpace.model_validate({**space.model_dump(), "save_steps": keep,
+                                            "layers": tuple(self.checkpoint.layer_names)})
+
+    def _check_layers(self) -> None:
+        modules = dict(self.backbone.unet.named_modules())
+        unknown = [n for n in self.checkpoint.layer_names if n not in modules]
+        if unknown:
+            raise CheckpointError(
+                f"layers {unknown} of the checkpoint are not modules of the UNet of {self.backbone.source}; "
+                "pass the --model the checkpoint was trained with"
+            )
+
+    def _check_channels(self) -> None:
+        have = {layer.name: layer.channels for layer in self.extractor.layer_table()}
+        bad = [f"{layer.name}: {have[layer.name]} channels in the model, {layer.channels} in the checkpoint"
+               for layer in self.checkpoint.network.layers if have.get(layer.name) != layer.channels]
+        if bad:
+            raise CheckpointError(f"model {self.backbone.source} does not fit the checkpoint: " + "; ".join(bad))
+
+    @property
+    def timesteps(self) -> list[int]:
+        """UNet t of the extracted steps, clean first."""
+        return self.extractor.timesteps
+
+    def features(self, images: Sequence[Image.Image], image_ids: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:
+        """The checkpoint's selection of each image's maps: {layer: (T, C, H, W) float16}, T in
+        the checkpoint's timestep order."""
+        images = list(images)
+        ids = list(image_ids) if image_ids is not None else [pixel_id(im) for im in images]
+        if len(ids) != len(images):
+            raise UsageError(f"{len(ids)} image ids for {len(images)} images")
+        pre = self.preprocessing
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            pixels = torch.stack([preprocess(_to_rgb(im), pre.load_size, pre.image_size) for im in batch])
+            for image_id, result in zip(ids[start:start + self.batch_size], self.extractor.extract(pixels, ids[start:start + self.batch_size])):
+                if result.error:
+                    raise FeatureError(f"image {image_id}: {result.error}")
+                out.append({name: torch.from_numpy(result.features[name][self.positions])
+                            for name in self.checkpoint.layer_names})
+        return out
+
+    def descriptors(self, images: Sequence[Image.Image], image_ids: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """(P, S, S) float32 CPU descriptor maps, one per image.
+
+        `image_ids` seed each image's sampled latent (default: a hash of its pixels); pass the
+        cache's id of an image to reproduce its cached features exactly.
+        """
+        return [aggregate(self.network, feats, self.device) for feats in self.features(images, image_ids)]

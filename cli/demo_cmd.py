@@ -14,6 +14,7 @@ DEMO_EPILOG = """
 
     dhf-cache demo                      # tiny random-weight model, offline, a few minutes on a CPU
     dhf-cache demo --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --workdir demo-sd15
+    dhf-cache demo --image-size 64 --inversion-steps 10 --train-steps 50 --workdir quick   # a quicker look
 
 The work folder keeps the model, the sample data, the cache, the run and the eval outputs;
 a second run reuses them.
@@ -26,12 +27,16 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the model, data, cache, run and evals go (reused when present).")] = Path("demo-out"),
     model: Annotated[Optional[str], typer.Option(help="A real backbone (hub id or folder) instead of the tiny model.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    image_size: Annotated[Optional[int], typer.Option(min=8, help="Image size (default: 64 tiny, 512 real).")] = None,
+    inversion_steps: Annotated[Optional[int], typer.Option(min=1, help="DDIM inversion steps (default 50).")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: 300 tiny, 1000 real).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Build, train and evaluate on the embedded sample data; print trained vs best raw PCK."""
-    from dhf_cache.pipelines.demo import comparison_lines, run_demo
+    from dhf_cache.pipelines.demo import REAL, TINY, comparison_lines, run_demo
 
-    result = run_demo(workdir, model, device, log, progress)
+    settings = (TINY if model is None else REAL).quicker(image_size, inversion_steps, train_steps)
+    result = run_demo(workdir, model, device, log, progress, settings)
     typer.echo("")
     for line in comparison_lines(result):
         typer.echo(line)

@@ -229,13 +229,23 @@ class FeatureCache:
         ]
 
     # ---------------------------------------------------------------- per-image writes (workers)
-    def write_image(self, index: int, image: "ExtractedImage", size: tuple[int, int]) -> None:
-        """Write every array of one image, then its `done` flag (so a crash never half-counts it)."""
-        for layer in self.layers:
-            self.feature_array(layer.name)[index] = image.features[layer.name]
-        self._array("latents")[index] = image.latent
-        self._array("sizes")[index] = np.asarray(size, dtype=np.int32)
-        self._array("errors")[index] = ""
+    def write_image(self, index: int, image: "ExtractedImage", size: tuple[int, int],
+                    clear_failure: bool = True) -> None:
+        """Write every array of one image concurrently, then its `done` flag (so a crash never
+        half-counts it). `clear_failure=False` skips rewriting an `errors` entry known empty."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        writes = [(self.feature_array(l.name), image.features[l.name]) for l in self.layers]
+        writes += [(self._array("latents"), image.latent), (self._array("sizes"), np.asarray(size, dtype=np.int32))]
+        if clear_failure:
+            writes.append((self._array("errors"), np.asarray("", dtype=object)))
+
+        async def write_all():
+            await asyncio.gather(*(arr.async_array.setitem(index, value) for arr, value in writes))
+
+        sync(write_all())
         self._array("done")[index] = True
 
     def record_failure(self, index: int, message: str) -> None:

@@ -96,8 +96,10 @@ class FeatureExtractor:
         return self.backbone.unet(x.to(self.dtype), timestep, encoder_hidden_states=emb).sample.float()
 
     @torch.inference_mode()
-    def invert(self, latents: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the inversion from clean to noisy; returns layer -> (B, T, C, H, W) fp16 on CPU."""
+    def invert(self, latents: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[int, str]]:
+        """Run the inversion from clean to noisy: layer -> (B, T, C, H, W) fp16 on the CPU, and
+        {batch index: reason} for images whose stored features would not be finite (checked on
+        the device, before the copy, so the check overlaps nothing on the host)."""
         sched = self.schedule
         last_call = max(self.save_positions)  # no call after the last saved one is needed
         n_saved = len(self.save_positions)
@@ -118,18 +120,18 @@ class FeatureExtractor:
             if i < last_call:
                 x = ddim_inversion_step(x, eps, sched.alpha(t), sched.alpha(t_next))
         self.capture.enabled = False
-        return {name: buffers[name].cpu() for name in self.space.layers}
+        bad = _nonfinite_reasons(buffers, self.space.layers, self.timesteps)
+        return {name: buffers[name].cpu() for name in self.space.layers}, bad
 
     def extract(self, pixels: torch.Tensor, image_ids: list[str]) -> list[ExtractedImage]:
         """Features of a batch of preprocessed images (B, 3, S, S) in [-1, 1]."""
         latents = self.encode_latents(pixels, image_ids)
-        features = self.invert(latents)
+        features, bad = self.invert(latents)
         latents_np = latents.cpu().numpy()
-        timesteps = self.timesteps
         results = []
         for b in range(len(image_ids)):
             per_layer = {name: feats[b].numpy() for name, feats in features.items()}
-            results.append(ExtractedImage(latents_np[b], per_layer, _nonfinite_reason(per_layer, timesteps)))
+            results.append(ExtractedImage(latents_np[b], per_layer, bad.get(b)))
         return results
 
     @torch.inference_mode()
@@ -147,13 +149,17 @@ class FeatureExtractor:
         return [LayerInfo(n, *(int(d) for d in outputs[n].shape[1:])) for n in self.space.layers]
 
 
-def _nonfinite_reason(features: dict[str, np.ndarray], timesteps: list[int]) -> str | None:
-    for name, array in features.items():
-        finite = np.isfinite(array.reshape(array.shape[0], -1)).all(axis=1)
-        if not finite.all():
-            t = timesteps[int(np.argmin(finite))]
-            return (
-                f"non-finite features (fp16 overflow or NaN) in layer {name} at t={t}; "
-                "the model's activations do not fit in fp16 storage"
-            )
-    return None
+def _nonfinite_reasons(buffers: dict[str, torch.Tensor], layers, timesteps: list[int]) -> dict[int, str]:
+    """{batch index: why} for images with a non-finite stored (fp16) value, first layer found."""
+    reasons: dict[int, str] = {}
+    for name in layers:
+        buf = buffers[name]
+        finite = torch.isfinite(buf).flatten(2).all(dim=2)  # (B, T)
+        for b in (~finite.all(dim=1)).nonzero().flatten().tolist():
+            if b not in reasons:
+                t = timesteps[int((~finite[b]).nonzero()[0])]
+                reasons[b] = (
+                    f"non-finite features (fp16 overflow or NaN) in layer {name} at t={t}; "
+                    "the model's activations do not fit in fp16 storage"
+                )
+    return reasons

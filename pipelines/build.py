@@ -142,7 +142,9 @@ def build_images(
         f"{len(todo)} to build ({len(cache.layers)} layers x {len(cache.timesteps)} steps)"
     )
     failures: list[tuple[str, str]] = []
-    writer = _Writer(cache, failures, progress_bar(len(todo), "build", unit="img", enabled=options.progress))
+    failed_before = {i for i, err in enumerate(cache.errors()) if err}
+    writer = _Writer(cache, failures, progress_bar(len(todo), "build", unit="img", enabled=options.progress),
+                     depth=2 * options.batch_size, failed_before=failed_before)
     interrupted = False
     try:
         for group in groups:
@@ -192,13 +194,14 @@ def _batch_groups(records: list[ImageRecord], index: dict[str, int], size: int) 
 class _Writer:
     """A thread that writes finished images (or failure records) while the next batch computes."""
 
-    def __init__(self, cache: FeatureCache, failures: list, bar):
+    def __init__(self, cache: FeatureCache, failures: list, bar, depth: int = 4, failed_before: set[int] = frozenset()):
         self.cache = cache
         self.failures = failures
         self.bar = bar
+        self.failed_before = failed_before  # only these need their old failure record cleared
         self.n_written = 0
         self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(4, depth))  # a whole batch fits: no stall
         self._thread = threading.Thread(target=self._run, name="dhf-cache-writer", daemon=True)
         self._thread.start()
 
@@ -220,7 +223,7 @@ class _Writer:
                     self.cache.record_failure(index, error)
                     self.failures.append((image_id, error))
                 else:
-                    self.cache.write_image(index, result, size)
+                    self.cache.write_image(index, result, size, clear_failure=index in self.failed_before)
                     self.n_written += 1
                 self.bar.update(1)
                 self.bar.set_postfix(failed=len(self.failures), refresh=False)

@@ -9,6 +9,7 @@ Every stage reuses what an earlier run left in the work folder (the cache, a fin
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,11 +25,20 @@ from dhf_cache.pipelines.train import TrainRequest, TrainResult, run_train
 class DemoSettings:
     image_size: int
     train: TrainOptions
+    inversion_steps: int = 50
     eval_load_size: int = 224
+
+    def quicker(self, image_size: int | None, inversion_steps: int | None, train_steps: int | None) -> DemoSettings:
+        """The same demo with smaller settings (for a quick look, or the test suite)."""
+        train = self.train
+        if train_steps is not None:
+            train = train.model_copy(update={"steps": train_steps, "val_every": max(1, min(train.val_every, train_steps))})
+        return DemoSettings(image_size or self.image_size, train, inversion_steps or self.inversion_steps,
+                            self.eval_load_size)
 
 
 TINY = DemoSettings(
-    image_size=128,
+    image_size=64,
     train=TrainOptions(steps=300, val_every=100, projection_dim=64, output_size=32, norm_groups=16),
 )
 REAL = DemoSettings(image_size=512, train=TrainOptions(steps=1000, val_every=250))
@@ -83,21 +93,22 @@ def prepare_inputs(paths: DemoPaths, model: str | None, log: Callable[[str], Non
 
 
 def run_demo(workdir: Path, model: str | None, device: str, log: Callable[[str], None],
-             progress: bool = True) -> DemoResult:
+             progress: bool = True, settings: DemoSettings | None = None) -> DemoResult:
     paths = DemoPaths(workdir)
-    settings = TINY if model is None else REAL
+    settings = settings or (TINY if model is None else REAL)
     model_source = prepare_inputs(paths, model, log)
     dataset = f"spair:{paths.data}"
     log("== stage one: build the feature cache")
     built = run_build(
         BuildRequest(dataset=open_dataset(dataset), cache_url=str(paths.cache), model=model_source,
+                     steps=settings.inversion_steps,
                      preprocessing=Preprocessing(load_size=settings.image_size, image_size=settings.image_size)),
         BuildOptions(batch_size=4, device=device, progress=progress), log=log,
     )
     log("== stage two: train the aggregation network from the cache")
     trained_run = None
     state = paths.run / "last" / "state.json"
-    if state.is_file() and f'"step": {settings.train.steps}' in state.read_text():
+    if state.is_file() and json.loads(state.read_text()).get("step", 0) >= settings.train.steps:
         log(f"{paths.run} is already trained ({settings.train.steps} steps); reusing it")
     else:
         trained_run = run_train(

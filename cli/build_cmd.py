@@ -22,6 +22,10 @@ Offline, on the embedded sample data with the tiny model (CPU, seconds):
     dhf-cache tiny-model tiny && dhf-cache sample-data sample
     dhf-cache build --dataset spair:sample --cache demo.zarr --model tiny --load-size 64 --image-size 64
 
+A smaller cache: lossy bit rounding to 7 mantissa bits (relative error <= 2^-8), then zstd:
+
+    dhf-cache build --dataset spair:/data/SPair-71k --cache spair-br7.zarr --codec bitround --keepbits 7
+
 The one-step variant (a single UNet call at t = -1):
 
     dhf-cache build --dataset folder:photos --cache onestep.zarr --steps 1 --save-steps 0
@@ -55,6 +59,8 @@ def build(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float16 on CUDA, float32 otherwise), float32, float16, bfloat16.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the sampled VAE latents (each image's generator derives from seed and image id).")] = 0,
+    codec: Annotated[str, typer.Option(help="zstd (lossless, default) or bitround (lossy: keep --keepbits mantissa bits, then zstd).")] = "zstd",
+    keepbits: Annotated[Optional[int], typer.Option(min=1, max=9, help="Mantissa bits kept by --codec bitround (fp16 has 10).")] = None,
     zstd_level: Annotated[int, typer.Option(min=1, max=22, help="zstd compression level of stored chunks.")] = 3,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Build only the first N images (by id).")] = None,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).")] = 89_478_485,
@@ -73,6 +79,10 @@ def build(
         preprocessing = Preprocessing(load_size=load_size, image_size=image_size, seed=seed)
     except ValueError as exc:
         raise UsageError(f"--load-size/--image-size: {exc.errors()[0]['msg']}") from None
+    try:
+        codec_spec = CodecSpec(name=codec, level=zstd_level, keepbits=keepbits)
+    except ValueError as exc:
+        raise UsageError(f"--codec {codec} --keepbits {keepbits}: {exc.errors()[0]['msg']}") from None
     request = BuildRequest(
         dataset=open_dataset(dataset),
         cache_url=cache,
@@ -83,7 +93,7 @@ def build(
         layers=layers,
         preprocessing=preprocessing,
         dtype=dtype,
-        storage=StorageSpec(codec=CodecSpec(level=zstd_level)),
+        storage=StorageSpec(codec=codec_spec),
         storage_options=parse_storage_options(storage_options),
     )
     options = BuildOptions(batch_size=batch_size, device=device, max_pixels=max_pixels, limit=limit, progress=progress)
@@ -161,7 +171,8 @@ def info(
     echo(
         f"storage        {human_bytes(data['bytes'])} on disk, features {human_bytes(data['feature_bytes'])}; "
         f"native fp16 {human_bytes(data['feature_bytes_per_image_native_fp16'])}/image; "
-        f"{codec['name']} level {codec['level']} + {codec['checksum']}"
+        f"{codec['name']}" + (f" keepbits {codec['keepbits']} +" if codec.get("keepbits") else "")
+        + f" zstd level {codec['level']} + {codec['checksum']}"
         + (f", compression ratio {ratio:.2f}x" if ratio else "")
     )
     for failure in data["failures"]:

@@ -45,6 +45,20 @@ def _compressors(spec: BuildSpec):
     return [zc.ZstdCodec(level=codec.level), zc.Crc32cCodec()]
 
 
+def _feature_filters(spec: BuildSpec) -> list:
+    """Lossy pre-compression filters of feature arrays (recorded in each array's metadata)."""
+    codec = spec.storage.codec
+    if codec.name != "bitround":
+        return []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "numcodecs codecs are not in the Zarr v3 spec"
+        from zarr.codecs.numcodecs import BitRound
+
+        return [BitRound(keepbits=codec.keepbits)]
+
+
 class FeatureCache:
     """A handle on an existing cache. Open with `FeatureCache.open` or `FeatureCache.prepare`."""
 
@@ -138,7 +152,7 @@ class FeatureCache:
             shape = (n_steps, layer.channels, layer.height, layer.width)
             features.create_array(
                 layer.name, shape=(0, *shape), chunks=(1, *shape), dtype="float16",
-                compressors=compressors, fill_value=0, config=full,
+                filters=_feature_filters(spec), compressors=compressors, fill_value=0, config=full,
             )
         group.create_array(
             "latents", shape=(0, *latent_shape), chunks=(1, *latent_shape), dtype="float32",

@@ -90,9 +90,20 @@ class ComputeSpec(Frozen):
 
 
 class CodecSpec(Frozen):
-    name: Literal["zstd"] = "zstd"
+    """How feature chunks are stored. `zstd` is lossless; `bitround` first rounds each fp16
+    value's 10-bit mantissa to `keepbits` bits (relative error <= 2^-(keepbits+1)), which makes
+    zstd far more effective. Latents are always stored losslessly."""
+
+    name: Literal["zstd", "bitround"] = "zstd"
     level: int = Field(3, ge=1, le=22)
+    keepbits: int | None = Field(None, ge=1, le=9)
     checksum: Literal["crc32c"] = "crc32c"
+
+    @model_validator(mode="after")
+    def _keepbits_with_bitround(self) -> CodecSpec:
+        if (self.name == "bitround") != (self.keepbits is not None):
+            raise ValueError("keepbits (1..9) goes with codec bitround, and only with it")
+        return self
 
 
 class StorageSpec(Frozen):

@@ -256,3 +256,28 @@ def test_resume_after_sigkill_ends_with_the_arrays_of_an_uninterrupted_build(tmp
     assert sorted(got) == sorted(want)
     for path in want:
         assert np.array_equal(got[path], want[path]), path
+
+
+def test_bitround_codec_stores_rounded_values_and_is_smaller(tmp_path, mini_spair, tiny_model_dir):
+    from numcodecs import BitRound
+
+    base = small_build_args(f"spair:{mini_spair}", tmp_path / "zstd.zarr", tiny_model_dir, "--split", "test")
+    assert invoke(*base).exit_code == 0
+    lossy = small_build_args(f"spair:{mini_spair}", tmp_path / "br.zarr", tiny_model_dir, "--split", "test",
+                             "--codec", "bitround", "--keepbits", "4")
+    assert invoke(*lossy).exit_code == 0
+    exact, rounded = FeatureCache.open(str(tmp_path / "zstd.zarr")), FeatureCache.open(str(tmp_path / "br.zarr"))
+    assert rounded.spec.storage.codec.keepbits == 4
+    assert rounded.fingerprint["feature_space"] == exact.fingerprint["feature_space"]  # same features, stored lossily
+    assert rounded.fingerprint["spec"] != exact.fingerprint["spec"]
+    for name, values in exact.read_features(0).items():
+        want = BitRound(keepbits=4).decode(BitRound(keepbits=4).encode(values))
+        got = rounded.read_features(0)[name]
+        assert np.array_equal(got, want), name
+        normal = np.abs(values) >= np.finfo(np.float16).tiny  # subnormals keep fewer bits than normals
+        rel = np.abs(got[normal].astype(np.float64) - values[normal]) / np.abs(values[normal].astype(np.float64))
+        assert rel.max() <= 2.0 ** -5 + 1e-9
+    np.testing.assert_array_equal(rounded.read_latent(0), exact.read_latent(0))  # latents stay lossless
+    assert rounded.info()["feature_bytes"] < 0.8 * exact.info()["feature_bytes"]
+    bad = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "x.zarr", tiny_model_dir, "--codec", "bitround"))
+    assert bad.exit_code == 2 and "keepbits" in bad.output

@@ -339,7 +339,7 @@ class Bench:
         patches.set(ext, "invert", timers.wrap("invert (all)", ext.invert, sync))
         patches.set(ext, "_unet_eps", timers.wrap("unet", ext._unet_eps, sync))
         patches.set(extract_mod, "ddim_inversion_step", timers.wrap("ddim step", extract_mod.ddim_inversion_step))
-        patches.set(extract_mod, "_nonfinite_reasons", timers.wrap("non-finite check", extract_mod._nonfinite_reasons))
+        patches.set(extract_mod, "nonfinite_reasons", timers.wrap("non-finite check", extract_mod.nonfinite_reasons))
         original_hook_for = FeatureCapture._hook_for
 
         def timed_hook_for(capture, name):

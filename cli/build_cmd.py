@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -30,6 +31,12 @@ The one-step variant (a single UNet call at t = -1):
 
     dhf-cache build --dataset folder:photos --cache onestep.zarr --steps 1 --save-steps 0
 
+Generation mode: images made from prompts (DDIM generation with guidance), their features
+captured on the way and stored with the images, prompts and seeds:
+
+    dhf-cache build --generate prompts.txt --cache synth.zarr --images-per-prompt 4 --batch-size 4
+    dhf-cache export-images synth.zarr synth-images/
+
 Rerunning the same command continues where a killed or failed build stopped.
 """
 
@@ -43,11 +50,26 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
         raise UsageError(f"{option} {text!r}: expected comma-separated integers such as 49,45,40") from None
 
 
+def _read_prompts(path: Path) -> tuple[str, ...]:
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--generate {path}: cannot read the prompts file ({exc})") from None
+    prompts = tuple(line for line in lines if line)
+    if not prompts:
+        raise UsageError(f"--generate {path}: no prompts in it (one prompt a line)")
+    return prompts
+
+
 @app.command(epilog=BUILD_EPILOG)
 @report_errors
 def build(
-    dataset: Annotated[str, typer.Option(help="spair:PATH (SPair-71k layout) or folder:PATH (all images below PATH).")],
     cache: Annotated[str, typer.Option(help="Cache URL: a folder, file://, or any fsspec URL such as s3://bucket/c.zarr.")],
+    dataset: Annotated[Optional[str], typer.Option(help="spair:PATH (SPair-71k layout), folder:PATH (all images below PATH) or pairs:FILE.json.")] = None,
+    generate: Annotated[Optional[Path], typer.Option(help="Generation mode: a text file of prompts, one a line (instead of --dataset).")] = None,
+    images_per_prompt: Annotated[int, typer.Option(min=1, help="Generation mode: images per prompt (seeds derive from prompt, variant and --seed).")] = 1,
+    guidance: Annotated[float, typer.Option(min=1.0, help="Generation mode: classifier-free guidance scale.")] = 7.5,
+    negative_prompt: Annotated[str, typer.Option(help="Generation mode: the negative prompt (the unconditional branch).")] = "",
     model: Annotated[str, typer.Option(help="Hub id (looked up in the local HF cache first) or a local pipeline folder.")] = SD15_MODEL_ID,
     split: Annotated[Optional[str], typer.Option(help="SPair split whose pairs' images to build (trn, val, test); all when omitted.")] = None,
     load_size: Annotated[int, typer.Option(help="Images are first resized to LOAD_SIZE x LOAD_SIZE (PIL bilinear): the paper's 64/224/512.")] = 512,
@@ -68,10 +90,18 @@ def build(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
-    """Invert every image once and store all its layer x timestep feature maps in a Zarr cache."""
+    """Invert every image once (or generate images from prompts) and store all its layer x
+    timestep feature maps in a Zarr cache."""
+    from dhf_cache.config import GenerationSpec
     from dhf_cache.datasets import open_dataset
     from dhf_cache.pipelines.build import BuildRequest, run_build
     from dhf_cache.storage import parse_storage_options
+
+    if (dataset is None) == (generate is None):
+        raise UsageError("give exactly one of --dataset D (real images) or --generate PROMPTS.txt (generation)")
+    prompts = _read_prompts(generate) if generate is not None else None
+    if prompts is not None:
+        load_size = image_size  # generated images are made at the model's input size
 
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype {dtype!r}: use auto, float32, float16 or bfloat16")
@@ -84,10 +114,13 @@ def build(
     except ValueError as exc:
         raise UsageError(f"--codec {codec} --keepbits {keepbits}: {exc.errors()[0]['msg']}") from None
     request = BuildRequest(
-        dataset=open_dataset(dataset),
+        dataset=open_dataset(dataset) if dataset is not None else None,
         cache_url=cache,
         model=model,
         split=split,
+        prompts=prompts,
+        images_per_prompt=images_per_prompt,
+        generation=GenerationSpec(guidance=guidance, negative_prompt=negative_prompt) if prompts is not None else None,
         steps=steps,
         save_steps=_int_list(save_steps, "--save-steps"),
         layers=layers,
@@ -159,6 +192,10 @@ def info(
     echo(f"fingerprint    feature_space {fp['feature_space'][:16]}  preprocessing {fp['preprocessing'][:16]}  spec {fp['spec'][:16]}")
     echo(f"model          {model['unet_class']} unet {model['unet_sha256'][:16]}  (loaded from {data['provenance'].get('model_source', '?')})")
     echo(f"features       {space['source']} DDIM, {space['steps']} steps, prompt {space['prompt']!r}, capture {space['capture']}, stored {space['storage_dtype']}")
+    if space.get("generation"):
+        gen = space["generation"]
+        echo(f"generation     guidance {gen['guidance']}, negative prompt {gen['negative_prompt']!r}; images, "
+             "prompts and seeds stored (`dhf-cache export-images`)")
     echo(f"saved steps    {', '.join(map(str, data['save_steps']))}  (clean first)")
     echo(f"timesteps      {', '.join(map(str, data['timesteps']))}  (UNet t of each stored step)")
     echo(f"preprocessing  load {pre['load_size']} -> input {pre['image_size']}, {pre['resampling']}, {pre['latent']} latent, seed {pre['seed']}, compute {spec['compute']['dtype']}")
@@ -177,3 +214,18 @@ def info(
     )
     for failure in data["failures"]:
         typer.secho(f"  FAILED {failure['id']}: {failure['error']}", fg=typer.colors.RED)
+
+
+@app.command("export-images", epilog="**Example**\n\n    dhf-cache export-images synth.zarr synth-images/")
+@report_errors
+def export_images(
+    url: Annotated[str, typer.Argument(help="A cache built with --generate.")],
+    directory: Annotated[Path, typer.Argument(help="Folder for the PNG files and prompts.jsonl.")],
+    storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Write a generation cache's images as PNGs named by image id (with prompts.jsonl)."""
+    from dhf_cache.pipelines.export import export_images as run_export
+    from dhf_cache.storage import parse_storage_options
+
+    run_export(url, directory, parse_storage_options(storage_options), progress, log=log)

@@ -77,7 +77,9 @@ def eval_command(
         return
     typer.echo(f"{metrics['options']['descriptor']}: {metrics['n_pairs']} pairs, {metrics['n_points']} points, "
                f"{metrics['options']['split']} split, load size {metrics['options']['load_size']}, "
-               f"features from {metrics['feature_source']}")
+               f"features from {metrics['feature_source']}"
+               + (f" (checkpoint trained on {metrics['checkpoint_feature_source']} features)"
+                  if metrics.get("checkpoint_feature_source") else ""))
     for line in pck_lines(metrics):
         typer.echo("  " + line)
     for note in metrics["notes"]:

@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 
 from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import Checkpoint, check_features_match, load_checkpoint
+from dhf_cache.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
 from dhf_cache.config import Preprocessing
 from dhf_cache.descriptors import aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CacheError, CheckpointError, UsageError
-from dhf_cache.feature_loader import FeatureReader, select_features
+from dhf_cache.feature_loader import FeatureReader
 from dhf_cache.images import load_image
 from dhf_cache.matching import match_points, parse_refine, prepare_target
 
@@ -119,7 +119,7 @@ class Hyperfeatures:
                     + "\n  ".join(problems)
                     + "\nUse a cache built with the checkpoint's model and settings, or descriptors() on the fly"
                 )
-            selection = select_features(cache, self.checkpoint.layer_names, self.checkpoint.timesteps)
+            selection, _ = checkpoint_selection(self.checkpoint.features, cache)
             self._caches[cache_url] = (cache, FeatureReader(cache, selection))
         return self._caches[cache_url]
 

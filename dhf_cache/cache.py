@@ -34,7 +34,9 @@ if TYPE_CHECKING:  # stages two and three import the cache without stage one's m
     from dhf_cache.extract import ExtractedImage
 
 FEATURES = "features"
+GENERATED = "generated"
 PER_IMAGE_ARRAYS = ("latents", "done", "sizes", "errors")
+GENERATED_ARRAYS = ("images", "prompts", "seeds")
 IDS_CHUNK = 4096
 
 
@@ -162,6 +164,13 @@ class FeatureCache:
         group.create_array("done", shape=(0,), chunks=(1,), dtype=bool, fill_value=False)
         group.create_array("sizes", shape=(0, 2), chunks=(1, 2), dtype="int32", fill_value=0)
         group.create_array("errors", shape=(0,), chunks=(1,), dtype=str)
+        if spec.feature_space.source == "generation":  # the generated images, their prompts and seeds
+            side = spec.preprocessing.image_size
+            gen = group.create_group(GENERATED)
+            gen.create_array("images", shape=(0, side, side, 3), chunks=(1, side, side, 3), dtype="uint8",
+                             compressors=compressors, fill_value=0, config=full)
+            gen.create_array("prompts", shape=(0,), chunks=(1,), dtype=str)
+            gen.create_array("seeds", shape=(0,), chunks=(1,), dtype="int64", fill_value=0)
         group.attrs["dhf_cache"] = meta  # written last: a cache without it is not a cache yet
         return cls(group, url)
 
@@ -208,8 +217,15 @@ class FeatureCache:
     def feature_array(self, layer: str):
         return self._array(f"{FEATURES}/{layer}")
 
+    @property
+    def is_generated(self) -> bool:
+        return self.spec.feature_space.source == "generation"
+
     def _per_image_arrays(self):
-        return [self.feature_array(l.name) for l in self.layers] + [self._array(n) for n in PER_IMAGE_ARRAYS]
+        arrays = [self.feature_array(l.name) for l in self.layers] + [self._array(n) for n in PER_IMAGE_ARRAYS]
+        if self.is_generated:
+            arrays += [self._array(f"{GENERATED}/{n}") for n in GENERATED_ARRAYS]
+        return arrays
 
     @property
     def image_ids(self) -> list[str]:
@@ -255,6 +271,10 @@ class FeatureCache:
         writes += [(self._array("latents"), image.latent), (self._array("sizes"), np.asarray(size, dtype=np.int32))]
         if clear_failure:
             writes.append((self._array("errors"), np.asarray("", dtype=object)))
+        if image.image is not None:  # generation: the image, its prompt and seed
+            writes += [(self._array(f"{GENERATED}/images"), image.image),
+                       (self._array(f"{GENERATED}/prompts"), np.asarray(image.prompt, dtype=object)),
+                       (self._array(f"{GENERATED}/seeds"), np.asarray(image.seed, dtype=np.int64))]
 
         async def write_all():
             await asyncio.gather(*(arr.async_array.setitem(index, value) for arr, value in writes))
@@ -279,6 +299,13 @@ class FeatureCache:
 
     def read_latent(self, index: int) -> np.ndarray:
         return self._array("latents")[index]
+
+    def generated_image(self, index: int) -> tuple[np.ndarray, str, int]:
+        """(image (H, W, 3) uint8, prompt, seed) of a generated image."""
+        if not self.is_generated:
+            raise CacheError(f"{self.url} holds features of real images; it stores no images")
+        return (self._array(f"{GENERATED}/images")[index], str(self._array(f"{GENERATED}/prompts")[index]),
+                int(self._array(f"{GENERATED}/seeds")[index]))
 
     # ---------------------------------------------------------------- summary
     def info(self) -> dict[str, Any]:

@@ -165,13 +165,41 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     return Checkpoint(network.to(device).eval(), config, state, weights)
 
 
+TRANSFER_FIELDS = ("source", "generation")  # what may differ when inversion weights read generation features
+
+
+def _transfer(checkpoint_features: dict, cache) -> bool:
+    """An inversion-trained checkpoint reading a generation cache (the paper's transfer claim)."""
+    spec = checkpoint_features.get("feature_space_spec") or {}
+    return spec.get("source", "inversion") == "inversion" and cache.spec.feature_space.source == "generation"
+
+
+def _checkpoint_steps(checkpoint_features: dict) -> list[int] | None:
+    """Inversion step indices of the checkpoint's timesteps (None when the checkpoint lacks the
+    time axis of its training cache)."""
+    spec, axis = checkpoint_features.get("feature_space_spec"), checkpoint_features.get("cache_timesteps")
+    if not spec or not axis:
+        return None
+    return [spec["save_steps"][axis.index(t)] for t in checkpoint_features["timesteps"]]
+
+
 def check_features_match(checkpoint_features: dict, cache) -> list[str]:
-    """Why a checkpoint cannot read this cache's features ([] when it can)."""
+    """Why a checkpoint cannot read this cache's features ([] when it can).
+
+    The same feature space (or, for imported checkpoints without one, the same layer names,
+    channels and timesteps) is required, except that a checkpoint trained on inversion features
+    may read generation features of the same model, steps and layers: matched by step index.
+    """
     problems = []
+    transfer = _transfer(checkpoint_features, cache)
     bound = checkpoint_features.get("feature_space")
     if bound is not None and bound != cache.fingerprint["feature_space"]:
-        problems.append("feature_space fingerprint differs")
-        problems += spec_differences(cache.spec.feature_space, checkpoint_features.get("feature_space_spec") or {})
+        differences = spec_differences(cache.spec.feature_space, checkpoint_features.get("feature_space_spec") or {})
+        if transfer:
+            differences = [d for d in differences if d.split(":")[0].split(".")[0] not in TRANSFER_FIELDS]
+        if differences or not transfer:
+            problems.append("feature_space fingerprint differs")
+            problems += [d.replace("requested", "checkpoint has") for d in differences]
     by_name = {layer.name: layer for layer in cache.layers}
     for layer in checkpoint_features["layers"]:
         have = by_name.get(layer["name"])
@@ -179,7 +207,33 @@ def check_features_match(checkpoint_features: dict, cache) -> list[str]:
             problems.append(f"layer {layer['name']}: not in the cache")
         elif have.channels != layer["channels"]:
             problems.append(f"layer {layer['name']}: {have.channels} channels in the cache, {layer['channels']} in the checkpoint")
-    missing = [t for t in checkpoint_features["timesteps"] if t not in cache.timesteps]
-    if missing:
-        problems.append(f"timesteps {missing}: not in the cache (it holds {cache.timesteps})")
+    if transfer:
+        steps = _checkpoint_steps(checkpoint_features)
+        if steps is None:
+            problems.append("this checkpoint does not record the time axis of its training cache, so its "
+                            "inversion steps cannot be matched to generation steps")
+        else:
+            missing = [s for s in steps if s not in cache.spec.feature_space.save_steps]
+            if missing:
+                problems.append(f"step indices {missing}: not saved in the cache (it holds {list(cache.spec.feature_space.save_steps)})")
+    else:
+        missing = [t for t in checkpoint_features["timesteps"] if t not in cache.timesteps]
+        if missing:
+            problems.append(f"timesteps {missing}: not in the cache (it holds {cache.timesteps})")
     return problems
+
+
+def checkpoint_selection(checkpoint_features: dict, cache):
+    """(FeatureSelection, notes): the cached maps a checkpoint reads, once `check_features_match`
+    found none missing. Same source: by UNet t; transfer: by step index (the generation pass
+    calls the same step index at another t)."""
+    from dhf_cache.feature_loader import select_features
+
+    names = [layer["name"] for layer in checkpoint_features["layers"]]
+    if not _transfer(checkpoint_features, cache):
+        return select_features(cache, names, checkpoint_features["timesteps"]), []
+    steps = _checkpoint_steps(checkpoint_features)
+    timesteps = [cache.timesteps[cache.spec.feature_space.save_steps.index(s)] for s in steps]
+    note = (f"transfer: a checkpoint trained on inversion features reads generation features, matched by "
+            f"step index (inversion t {checkpoint_features['timesteps']} -> generation t {timesteps})")
+    return select_features(cache, names, timesteps), [note]

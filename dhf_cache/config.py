@@ -47,12 +47,20 @@ class ModelIdentity(Frozen):
     text_encoder_sha256: str
 
 
+class GenerationSpec(Frozen):
+    """How synthetic images are generated (METHOD.md: guidance 7.5 with a negative prompt)."""
+
+    guidance: float = Field(7.5, ge=1.0)
+    negative_prompt: str = ""
+
+
 class FeatureSpace(Frozen):
     """Everything that decides what a stored feature means; a checkpoint binds to this."""
 
     model: ModelIdentity
     scheduler: SchedulerSpec = SchedulerSpec()
-    source: Literal["inversion"] = "inversion"
+    source: Literal["inversion", "generation"] = "inversion"
+    generation: GenerationSpec | None = None  # set exactly when source == "generation"
     steps: int = Field(DEFAULT_STEPS, ge=1)
     save_steps: tuple[int, ...] = SD15_SAVE_STEPS
     layers: tuple[str, ...]
@@ -62,6 +70,8 @@ class FeatureSpace(Frozen):
 
     @model_validator(mode="after")
     def _check_steps(self) -> FeatureSpace:
+        if (self.source == "generation") != (self.generation is not None):
+            raise ValueError("generation settings go with source 'generation', and only with it")
         validate_save_steps(self.steps, self.save_steps)
         if not self.layers:
             raise ValueError("at least one layer must be captured")

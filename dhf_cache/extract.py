@@ -7,6 +7,7 @@ device computed it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -22,9 +23,12 @@ from dhf_cache.layers import LayerInfo
 
 @dataclass
 class ExtractedImage:
-    latent: np.ndarray  # (4, h, w) float32, the sampled and scaled initial latent
+    latent: np.ndarray  # (4, h, w) float32, the sampled and scaled initial latent (generation: the noise)
     features: dict[str, np.ndarray]  # layer -> (T, C, H, W) float16, clean first
     error: str | None = None  # set when the features cannot be stored faithfully
+    image: np.ndarray | None = None  # (H, W, 3) uint8: the generated image (generation only)
+    prompt: str | None = None
+    seed: int | None = None
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -55,18 +59,25 @@ class FeatureExtractor:
             self.schedule.call_of_step(step): pos for pos, step in enumerate(feature_space.save_steps)
         }
         self.capture = FeatureCapture(backbone.unet, feature_space.layers)
-        self.prompt_embedding = self._encode_prompt(feature_space.prompt)
+        self.prompt_embedding = self.encode_prompt(feature_space.prompt)
         vae_config = backbone.vae.config
         self.vae_factor = 2 ** (len(vae_config.block_out_channels) - 1)
         self.scaling_factor = float(vae_config.scaling_factor)
 
+    @functools.cached_property
+    def generator(self):
+        """The generation pass (noise to image) over this extractor's backbone and capture."""
+        from dhf_cache.generation import FeatureGenerator
+
+        return FeatureGenerator(self, self.space.generation)
+
     @property
     def timesteps(self) -> list[int]:
-        """UNet t of each stored step, clean first (e.g. -1, 60, ..., 960)."""
+        """UNet t of each stored inversion step, clean first (e.g. -1, 60, ..., 960)."""
         return [self.schedule.timestep_of_step(s) for s in self.space.save_steps]
 
     @torch.inference_mode()
-    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
         tokenizer = self.backbone.tokenizer
         ids = tokenizer(
             prompt,
@@ -111,16 +122,11 @@ class FeatureExtractor:
             self.capture.enabled = pos is not None
             eps = self._unet_eps(x, t)
             if pos is not None:
-                for name, out in self.capture.take().items():
-                    if name not in buffers:
-                        buffers[name] = torch.empty(
-                            (out.shape[0], n_saved, *out.shape[1:]), dtype=torch.float16, device=out.device
-                        )
-                    buffers[name][:, pos] = out
+                store_outputs(buffers, self.capture.take(), pos, n_saved)
             if i < last_call:
                 x = ddim_inversion_step(x, eps, sched.alpha(t), sched.alpha(t_next))
         self.capture.enabled = False
-        bad = _nonfinite_reasons(buffers, self.space.layers, self.timesteps)
+        bad = nonfinite_reasons(buffers, self.space.layers, self.timesteps)
         return {name: buffers[name].cpu() for name in self.space.layers}, bad
 
     def extract(self, pixels: torch.Tensor, image_ids: list[str]) -> list[ExtractedImage]:
@@ -149,7 +155,17 @@ class FeatureExtractor:
         return [LayerInfo(n, *(int(d) for d in outputs[n].shape[1:])) for n in self.space.layers]
 
 
-def _nonfinite_reasons(buffers: dict[str, torch.Tensor], layers, timesteps: list[int]) -> dict[int, str]:
+def store_outputs(buffers: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], position: int,
+                  n_saved: int, rows: slice = slice(None)) -> None:
+    """Copy captured outputs (rows of the batch) into fp16 buffers (B, T, C, H, W) at `position`."""
+    for name, out in outputs.items():
+        out = out[rows]
+        if name not in buffers:
+            buffers[name] = torch.empty((out.shape[0], n_saved, *out.shape[1:]), dtype=torch.float16, device=out.device)
+        buffers[name][:, position] = out
+
+
+def nonfinite_reasons(buffers: dict[str, torch.Tensor], layers, timesteps: list[int]) -> dict[int, str]:
     """{batch index: why} for images with a non-finite stored (fp16) value, first layer found."""
     reasons: dict[int, str] = {}
     for name in layers:

@@ -19,7 +19,7 @@ import torch
 from dhf_cache.backbone import DTYPES, load_backbone
 from dhf_cache.cache import FeatureCache
 from dhf_cache.capture import resolve_layers
-from dhf_cache.config import BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, Preprocessing, StorageSpec
+from dhf_cache.config import BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, GenerationSpec, Preprocessing, StorageSpec
 from dhf_cache.datasets import Dataset, ImageRecord
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import DhfCacheError, ImageError, StorageError, UsageError
@@ -32,10 +32,13 @@ from dhf_cache.progress import progress_bar
 class BuildRequest:
     """What to build: the parts of the spec a user chooses (the model fills in the rest)."""
 
-    dataset: Dataset
+    dataset: Dataset | None  # None when generating from prompts
     cache_url: str
     model: str
     split: str | None = None
+    prompts: tuple[str, ...] | None = None  # generation mode: one line of the prompts file each
+    images_per_prompt: int = 1
+    generation: GenerationSpec | None = None
     steps: int = 50
     save_steps: tuple[int, ...] | None = None
     layers: str | tuple[str, ...] = "up"
@@ -64,8 +67,10 @@ def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity
     from dhf_cache.config import default_save_steps
 
     save_steps = request.save_steps if request.save_steps is not None else default_save_steps(request.steps)
+    source = "generation" if request.prompts is not None else "inversion"
     try:
-        space = FeatureSpace(model=identity, steps=request.steps, save_steps=save_steps, layers=extractor_layers)
+        space = FeatureSpace(model=identity, steps=request.steps, save_steps=save_steps, layers=extractor_layers,
+                             source=source, generation=request.generation if source == "generation" else None)
     except ValueError as exc:
         raise UsageError(f"--steps {request.steps} / --save-steps {list(save_steps)}: {exc}") from None
     return BuildSpec(
@@ -82,13 +87,26 @@ def run_build(
     log: Callable[[str], None] = print,
 ) -> BuildResult:
     start = time.perf_counter()
-    records = request.dataset.images(request.split)
+    records = request_records(request)
     if options.limit:
         records = records[: options.limit]
     extractor, cache = open_build(request, [r.id for r in records], options.device, log)
     result = build_images(extractor, cache, records, options, log)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def request_records(request: BuildRequest) -> list[ImageRecord]:
+    """The images to build: a data set's, or one per (prompt, variant) in generation mode.
+
+    A generated image's id is `<prompt line>-<variant>.png` (what `export-images` writes), and
+    its seed derives from (seed, prompt text, variant), so it does not depend on line order."""
+    if request.prompts is None:
+        return request.dataset.images(request.split)
+    return [
+        ImageRecord(f"{p:05d}-{k:02d}.png", None, prompt=prompt, seed_key=f"{prompt}\x00{k}")
+        for p, prompt in enumerate(request.prompts) for k in range(request.images_per_prompt)
+    ]
 
 
 def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str], None]) -> tuple[FeatureExtractor, BuildSpec]:
@@ -109,14 +127,16 @@ def open_build(request: BuildRequest, image_ids: list[str], device_name: str,
                log: Callable[[str], None]) -> tuple[FeatureExtractor, FeatureCache]:
     """The coordinator's part: the extractor, and the cache created or checked for its spec."""
     extractor, spec = load_extractor(request, device_name, log)
+    timesteps = extractor.generator.timesteps if spec.feature_space.source == "generation" else extractor.timesteps
     cache = FeatureCache.prepare(
         request.cache_url,
         spec,
         extractor.layer_table(),
-        extractor.timesteps,
+        timesteps,
         image_ids,
         latent_shape=_latent_shape(extractor),
-        provenance={"model_source": request.model, "dataset": request.dataset.spec},
+        provenance={"model_source": request.model,
+                    "dataset": request.dataset.spec if request.dataset else f"{len(request.prompts)} prompts"},
         storage_options=request.storage_options,
     )
     return extractor, cache
@@ -149,6 +169,13 @@ def build_images(
     try:
         for group in groups:
             if not any(r.id in todo for r in group):
+                continue
+            if group[0].prompt is not None:  # generation mode: images come out of the model
+                results = extractor.generator.generate([r.prompt for r in group], [r.seed_key for r in group])
+                for record, result in zip(group, results):
+                    if record.id in todo:
+                        size = (result.image.shape[1], result.image.shape[0])
+                        writer.put(index[record.id], result, size, result.error, record.id)
                 continue
             loaded = []
             for record in group:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import Checkpoint, check_features_match, load_checkpoint
+from dhf_cache.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
 from dhf_cache.datasets import Dataset, PairRecord, open_dataset
 from dhf_cache.descriptor_store import DescriptorStore
 from dhf_cache.descriptors import LRUDescriptors, aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CheckpointError, EvaluationError
-from dhf_cache.feature_loader import FeatureReader, Prefetcher, select_features
+from dhf_cache.feature_loader import FeatureReader, Prefetcher
 from dhf_cache.matching import parse_refine
 from dhf_cache.pck import bbox_length
 from dhf_cache.progress import progress_bar
@@ -110,6 +110,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     mixing = None
     descriptor_counts = None
     checkpoint_fp = None
+    checkpoint_source = None
     bar = progress_bar(len(pairs), "match", unit="pair", enabled=request.progress)
     if request.checkpoint is not None:
         ckpt = load_checkpoint(request.checkpoint, resolve_device(request.device))
@@ -118,6 +119,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         notes += note
         options["descriptor"] = f"checkpoint {request.checkpoint}"
         checkpoint_fp = ckpt.fingerprint
+        checkpoint_source = (ckpt.features.get("feature_space_spec") or {}).get("source", "inversion")
         mixing = (ckpt.network.mixing_weights_table().cpu().numpy(), ckpt.layer_names, ckpt.timesteps)
         accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,
                                                on_pair=lambda: bar.update(1))
@@ -142,6 +144,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         "fingerprints": {"checkpoint": checkpoint_fp, "cache": cache.fingerprint},
         "options": options,
         "feature_source": cache.spec.feature_space.source,
+        "checkpoint_feature_source": checkpoint_source,
         "notes": notes,
         "descriptors": descriptor_counts,
         "dataset": request.dataset,
@@ -206,7 +209,9 @@ def _checkpoint_descriptors(ckpt: Checkpoint, cache: FeatureCache, pairs: list[P
     needed = sorted({index[i] for p in pairs for i in (p.src, p.trg)})
     done = store.done_mask()
     todo = [i for i in needed if not done[i]]
-    reader = FeatureReader(cache, select_features(cache, ckpt.layer_names, ckpt.timesteps))
+    selection, selection_notes = checkpoint_selection(ckpt.features, cache)
+    notes += selection_notes
+    reader = FeatureReader(cache, selection)
     device = next(net.parameters()).device
     log(f"descriptors: {len(needed)} images, {len(needed) - len(todo)} stored, {len(todo)} to compute")
     bar = progress_bar(len(todo), "descriptors", unit="img", enabled=request.progress)

@@ -128,6 +128,7 @@ def features_binding(cache: FeatureCache, selection: FeatureSelection) -> dict:
     return {
         "layers": [layer.as_dict() for layer in selection.layers],
         "timesteps": list(selection.timesteps),
+        "cache_timesteps": list(cache.timesteps),  # the whole time axis, aligned with save_steps
         "feature_space": cache.fingerprint["feature_space"],
         "feature_space_spec": cache.spec.feature_space.model_dump(mode="json"),
         "preprocessing": cache.spec.preprocessing.model_dump(mode="json"),

@@ -18,6 +18,8 @@ class ImageRecord:
     id: str
     path: Path | None
     error: str | None = None
+    prompt: str | None = None  # set for images generated from a prompt instead of read from a file
+    seed_key: str | None = None  # what the generation seed derives from: (prompt, variant)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,13 @@ captured on the way and stored with the images, prompts and seeds:
     dhf-cache build --generate prompts.txt --cache synth.zarr --images-per-prompt 4 --batch-size 4
     dhf-cache export-images synth.zarr synth-images/
 
+Many machines: a dask cluster (the client coordinates and shows cluster-wide progress), local
+worker processes, or independent shards (e.g. a SLURM job array; see docs/cluster.md):
+
+    dhf-cache build --dataset spair:/data/SPair-71k --cache /shared/spair.zarr --scheduler tcp://head:8786
+    dhf-cache build --dataset spair:/data/SPair-71k --cache spair.zarr --scheduler local:2
+    dhf-cache build --dataset spair:/data/SPair-71k --cache /shared/spair.zarr --shard $SLURM_ARRAY_TASK_ID/8
+
 Rerunning the same command continues where a killed or failed build stopped.
 """
 
@@ -48,6 +55,16 @@ def _int_list(text: str | None, option: str) -> tuple[int, ...] | None:
         return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
         raise UsageError(f"{option} {text!r}: expected comma-separated integers such as 49,45,40") from None
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected I/N such as 0/4 (I from 0 to N-1)") from None
+    return i, n
 
 
 def _read_prompts(path: Path) -> tuple[str, ...]:
@@ -85,6 +102,10 @@ def build(
     keepbits: Annotated[Optional[int], typer.Option(min=1, max=9, help="Mantissa bits kept by --codec bitround (fp16 has 10).")] = None,
     zstd_level: Annotated[int, typer.Option(min=1, max=22, help="zstd compression level of stored chunks.")] = 3,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Build only the first N images (by id).")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="I/N: build the I-th (0-based) of N disjoint shards, e.g. a SLURM array's $SLURM_ARRAY_TASK_ID/N.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Build on dask.distributed: a scheduler address (tcp://host:8786) or local:N for N local worker processes.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads per process (CPU results depend on it at the last bit; clusters default to 1).")] = None,
+    prepare_only: Annotated[bool, typer.Option(help="Create or check the cache and exit (run once before shards on object stores).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).")] = 89_478_485,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options for remote caches.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -129,8 +150,20 @@ def build(
         storage=StorageSpec(codec=codec_spec),
         storage_options=parse_storage_options(storage_options),
     )
-    options = BuildOptions(batch_size=batch_size, device=device, max_pixels=max_pixels, limit=limit, progress=progress)
-    result = run_build(request, options, log=log)
+    if shard is not None and scheduler is not None:
+        raise UsageError("--shard and --scheduler are two ways to split a build; use one")
+    try:
+        options = BuildOptions(batch_size=batch_size, device=device, max_pixels=max_pixels, limit=limit,
+                               progress=progress, shard=_parse_shard(shard), threads=threads,
+                               prepare_only=prepare_only)
+    except ValueError as exc:
+        raise UsageError(f"--shard {shard}: {exc.errors()[0]['msg']}") from None
+    if scheduler is not None:
+        from dhf_cache.pipelines.distributed import run_distributed_build
+
+        result = run_distributed_build(request, options, scheduler, log=log)
+    else:
+        result = run_build(request, options, log=log)
     summary = {
         "cache": result.url,
         "n_images": result.n_images,
@@ -229,3 +262,41 @@ def export_images(
     from dhf_cache.storage import parse_storage_options
 
     run_export(url, directory, parse_storage_options(storage_options), progress, log=log)
+
+
+VERIFY_EPILOG = """
+**Examples**
+
+    dhf-cache verify spair.zarr
+    dhf-cache verify spair.zarr --repair && dhf-cache build --dataset spair:/data/SPair-71k --cache spair.zarr
+"""
+
+
+@app.command(epilog=VERIFY_EPILOG)
+@report_errors
+def verify(
+    url: Annotated[str, typer.Argument(help="Cache URL.")],
+    repair: Annotated[bool, typer.Option(help="Clear the done flag of every bad image so the next build redoes them.")] = False,
+    storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Read every chunk of every done image: checksums, shapes, finiteness, missing chunks."""
+    from dhf_cache.cache import FeatureCache
+    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.verify import verify_cache
+
+    cache = FeatureCache.open(url, parse_storage_options(storage_options), mode="r+" if repair else "r")
+    report = verify_cache(cache, repair=repair, progress=progress, log=log)
+    if json_output:
+        print_json({"n_images": report.n_images, "n_done": report.n_done, "n_chunks": report.n_chunks,
+                    "problems": report.problems, "repaired": report.repaired, "ok": report.ok})
+    else:
+        typer.echo(f"verified {report.n_done} done images of {report.n_images} ({report.n_chunks} chunks): "
+                   + ("all good" if report.ok else f"{len(report.problems)} bad"))
+        for image_id, problems in report.problems.items():
+            typer.secho(f"  BAD {image_id}: {'; '.join(problems)}", fg=typer.colors.RED)
+        if report.problems and not repair:
+            typer.echo("Run with --repair to mark them not done, then rerun the build to recompute exactly those.")
+    if not report.ok and not repair:
+        raise typer.Exit(1)

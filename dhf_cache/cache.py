@@ -28,7 +28,7 @@ from dhf_cache.config import FORMAT_VERSION, BuildSpec
 from dhf_cache.errors import CacheError, SpecMismatchError, UsageError
 from dhf_cache.layers import LayerInfo
 from dhf_cache.fingerprint import spec_differences, spec_fingerprints
-from dhf_cache.storage import open_store, stored_bytes
+from dhf_cache.storage import coordinator_lock, open_store, stored_bytes
 
 if TYPE_CHECKING:  # stages two and three import the cache without stage one's modules
     from dhf_cache.extract import ExtractedImage
@@ -115,20 +115,21 @@ class FeatureCache:
         """
         import zarr
 
-        store = open_store(url, storage_options)
-        try:
-            group = zarr.open_group(store=store, mode="r+")
-        except FileNotFoundError:
-            group = None
-        if group is None:
-            group = zarr.open_group(store=store, mode="w-")
-            cache = cls._create(group, url, spec, layers, timesteps, tuple(latent_shape), provenance or {})
-        else:
-            if not group.attrs.asdict() and not list(group.keys()):
-                raise CacheError(f"{url}: an empty Zarr group is in the way; remove it or pick another --cache")
-            cache = cls(group, url)
-            cache.check_spec(spec, layers)
-        cache.add_images(image_ids)
+        with coordinator_lock(url):
+            store = open_store(url, storage_options)
+            try:
+                group = zarr.open_group(store=store, mode="r+")
+            except FileNotFoundError:
+                group = None
+            if group is None:
+                group = zarr.open_group(store=store, mode="w-")
+                cache = cls._create(group, url, spec, layers, timesteps, tuple(latent_shape), provenance or {})
+            else:
+                if not group.attrs.asdict() and not list(group.keys()):
+                    raise CacheError(f"{url}: an empty Zarr group is in the way; remove it or pick another --cache")
+                cache = cls(group, url)
+                cache.check_spec(spec, layers)
+            cache.add_images(image_ids)
         return cache
 
     @classmethod

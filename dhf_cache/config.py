@@ -137,6 +137,16 @@ class BuildOptions(Frozen):
     max_pixels: int = Field(89_478_485, ge=1)  # PIL's decompression-bomb limit
     limit: int | None = Field(None, ge=1)
     progress: bool = True
+    shard: tuple[int, int] | None = None  # (i, n): build the i-th (0-based) of n disjoint shards
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads (CPU results depend on it)
+    prepare_only: bool = False  # create or check the cache, build nothing (coordinator step)
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_in_range(cls, v):
+        if v is not None and not (v[1] >= 1 and 0 <= v[0] < v[1]):
+            raise ValueError(f"shard {v[0]}/{v[1]}: needs 0 <= I < N")
+        return v
 
 
 def validate_save_steps(steps: int, save_steps: tuple[int, ...]) -> None:

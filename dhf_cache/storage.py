@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +65,24 @@ def stored_bytes(store, prefix: str = "") -> int:
     from zarr.core.sync import sync
 
     return int(sync(store.getsize_prefix(prefix)))
+
+
+@contextlib.contextmanager
+def coordinator_lock(url: str) -> Iterator[None]:
+    """Serialise cache creation between processes on one filesystem (e.g. `--shard` jobs that
+    start together): an exclusive flock on `<cache>.lock` beside the cache. Object stores have
+    no such lock; there, run one build (or `build --prepare-only`) before starting shards."""
+    if not is_local(url):
+        yield
+        return
+    import fcntl
+
+    path = local_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -87,10 +87,19 @@ def run_build(
     log: Callable[[str], None] = print,
 ) -> BuildResult:
     start = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(options.threads)
     records = request_records(request)
     if options.limit:
         records = records[: options.limit]
     extractor, cache = open_build(request, [r.id for r in records], options.device, log)
+    if options.prepare_only:
+        log(f"cache {cache.url} ready for {len(records)} images; nothing built (--prepare-only)")
+        return BuildResult(cache.url, len(records), 0, 0, [], time.perf_counter() - start)
+    if options.shard is not None:
+        shard, n_shards = options.shard
+        records = shard_records(records, cache.index_of(), options.batch_size, shard, n_shards)
+        log(f"shard {shard}/{n_shards}: {len(records)} images")
     result = build_images(extractor, cache, records, options, log)
     result.seconds = time.perf_counter() - start
     return result
@@ -142,29 +151,56 @@ def open_build(request: BuildRequest, image_ids: list[str], device_name: str,
     return extractor, cache
 
 
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build must do: cache positions of the ids, ids not done, indices with a failure record."""
+
+    index: dict[str, int]
+    todo: frozenset[str]
+    failed_before: frozenset[int]
+
+
+def plan_build(cache: FeatureCache, records: list[ImageRecord]) -> BuildPlan:
+    index = cache.index_of()
+    done = cache.done_mask()
+    todo = frozenset(r.id for r in records if not done[index[r.id]])
+    errors = cache.errors()
+    return BuildPlan(index, todo, frozenset(index[i] for i in todo if errors[index[i]]))
+
+
+def shard_records(records: list[ImageRecord], index: dict[str, int], batch_size: int,
+                  shard: int, n_shards: int) -> list[ImageRecord]:
+    """Shard `shard` of `n_shards` (0-based): every n-th fixed batch group, so shards never split a
+    group and each image is computed with the same neighbours as in a serial build."""
+    groups = _batch_groups(records, index, batch_size)
+    return [r for g, group in enumerate(groups) if g % n_shards == shard for r in group]
+
+
 def build_images(
     extractor: FeatureExtractor,
     cache: FeatureCache,
     records: list[ImageRecord],
     options: BuildOptions,
     log: Callable[[str], None] = print,
+    plan: BuildPlan | None = None,
 ) -> BuildResult:
-    """Compute and store every record not done yet; failures are recorded, not raised."""
+    """Compute and store every record not done yet; failures are recorded, not raised.
+
+    `plan` (from `plan_build`, e.g. made once by a coordinator for many workers) saves reading
+    the cache's done flags and failure records again."""
     start = time.perf_counter()
     pre = extractor.preprocessing
-    index = cache.index_of()
-    done = cache.done_mask()
+    plan = plan or plan_build(cache, records)
+    index, todo = plan.index, plan.todo
     groups = _batch_groups(records, index, options.batch_size)
-    todo = {r.id for r in records if not done[index[r.id]]}
     n_skipped = len(records) - len(todo)
     log(
         f"cache {cache.url}: {len(records)} images requested, {n_skipped} already done, "
         f"{len(todo)} to build ({len(cache.layers)} layers x {len(cache.timesteps)} steps)"
     )
     failures: list[tuple[str, str]] = []
-    failed_before = {i for i, err in enumerate(cache.errors()) if err}
     writer = _Writer(cache, failures, progress_bar(len(todo), "build", unit="img", enabled=options.progress),
-                     depth=2 * options.batch_size, failed_before=failed_before)
+                     depth=2 * options.batch_size, failed_before=plan.failed_before)
     interrupted = False
     try:
         for group in groups:

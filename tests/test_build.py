@@ -281,3 +281,30 @@ def test_bitround_codec_stores_rounded_values_and_is_smaller(tmp_path, mini_spai
     assert rounded.info()["feature_bytes"] < 0.8 * exact.info()["feature_bytes"]
     bad = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "x.zarr", tiny_model_dir, "--codec", "bitround"))
     assert bad.exit_code == 2 and "keepbits" in bad.output
+
+
+def test_verify_finds_a_flipped_byte_and_repair_plus_rebuild_restores_it(tmp_path, mini_spair, tiny_model_dir):
+    cache = tmp_path / "c.zarr"
+    args = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "test")
+    assert invoke(*args).exit_code == 0
+    good = invoke("verify", str(cache), "--json")
+    assert good.exit_code == 0 and json.loads(good.stdout)["ok"] and json.loads(good.stdout)["n_chunks"] == 4 * 14
+    c = FeatureCache.open(str(cache))
+    before = c.read_features(2)["up_blocks.2.resnets.1"].copy()
+    chunk = cache / "features" / "up_blocks.2.resnets.1" / "c" / "2" / "0" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    chunk.write_bytes(bytes(data))
+    (cache / "latents" / "c" / "3" / "0" / "0" / "0").unlink()  # and a lost chunk
+    bad = invoke("verify", str(cache))
+    assert bad.exit_code == 1
+    assert f"BAD {c.image_ids[2]}: features/up_blocks.2.resnets.1: unreadable chunk" in bad.output
+    assert "checksum" in bad.output
+    assert f"BAD {c.image_ids[3]}: latents: chunk missing" in bad.output
+    repaired = invoke("verify", str(cache), "--repair")
+    assert repaired.exit_code == 0 and "cleared the done flag of 2 image(s)" in repaired.output
+    assert FeatureCache.open(str(cache)).done_mask().tolist() == [True, True, False, False]
+    rebuilt = invoke(*args, "--json")
+    assert rebuilt.exit_code == 0 and json.loads(rebuilt.stdout)["n_built"] == 2
+    assert invoke("verify", str(cache)).exit_code == 0
+    assert np.array_equal(FeatureCache.open(str(cache)).read_features(2)["up_blocks.2.resnets.1"], before)

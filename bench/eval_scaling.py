@@ -1,0 +1,550 @@
+"""Stage three's cost once descriptors exist: PCK of P pairs over I images from stored descriptors.
+
+The setting is synthetic, no diffusion model: random descriptor maps (P=384 x 64 x 64, fp16,
+post-ReLU like the aggregator's output) for `--images` images, written into a cache with
+`DescriptorStore` exactly as `dhf-cache eval` stores them, and random `PairRecord`s (10-20
+keypoints, SPair-like image sizes and boxes) spread over 18 categories. Every timed run takes
+the real path of `dhf-cache eval --checkpoint`: the provider from
+`pipelines.evaluate._checkpoint_descriptors` (an `LRUDescriptors` over `DescriptorStore.read`,
+all images already stored so nothing is computed), then `score_pairs` and the PCK summary.
+
+    series P   fixed images, growing pairs (e.g. 250, 1,000, 12,234 = SPair's test size)
+    series I   fixed pairs, growing images
+    breakdown  where one run's time goes: descriptor reads, prepare_target (norm map), the
+               source lookup, the s.T matmul, the upsampling of the similarity maps, x inv_norm,
+               the argmax, mapping back, the PCK bookkeeping
+    prototype  a faster variant written here (not in the library): all sources of one target
+               in one matmul / one upsample / one argmax; timed side by side with the library
+               (interleaved) and on the full 12,234 pairs, with its agreement with the library
+    naive      METHOD.md's per-pair protocol (`match_points_reference`: upsample both maps in
+               full, read both descriptors per pair) on a few pairs, projected to 12,234
+
+The last line: the 12,234-pair time of the library path against the target (< 60 s).
+
+    python bench/eval_scaling.py            # ~5 min on a 2-core CPU
+    python bench/eval_scaling.py --quick    # ~1 min, smaller series, no 12,234-pair runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see build_overhead.py: repeatable timings on a shared CPU
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from _common import Patches, Timers, describe_machine, machine_info, median, peak_rss_mb, write_json  # noqa: E402
+
+SPAIR_TEST_PAIRS = 12_234
+TARGET_SECONDS = 60.0
+CATEGORIES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dog",
+              "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor")
+LAYER = "up_blocks.0.resnets.0"  # the synthetic cache's one (tiny) feature layer: only descriptors are read
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, help="images with stored descriptors (default 300)")
+    p.add_argument("--categories", type=int, default=18, help="categories the images and pairs spread over (default 18)")
+    p.add_argument("--pairs", help="series P: comma-separated pair counts over all images (default 250,1000,12234)")
+    p.add_argument("--image-counts", help="series I: comma-separated image counts (default 60,150,300)")
+    p.add_argument("--series-pairs", type=int, help="series I: pairs per run (default 250)")
+    p.add_argument("--load-size", type=int, default=224, help="PCK load size (default 224, the paper's)")
+    p.add_argument("--dim", type=int, default=384, help="descriptor channels P (default 384)")
+    p.add_argument("--grid", type=int, default=64, help="descriptor grid (default 64)")
+    p.add_argument("--kps", default="10,20", help="keypoints per pair, min,max (default 10,20)")
+    p.add_argument("--breakdown-pairs", type=int, help="pairs of the instrumented run (default 250, 0 skips)")
+    p.add_argument("--compare-pairs", type=int, help="pairs of the interleaved library/prototype runs (default 1000)")
+    p.add_argument("--compare-repeats", type=int, help="interleaved library/prototype repetitions (default 2)")
+    p.add_argument("--no-prototype", action="store_true", help="skip the batched prototype")
+    p.add_argument("--naive-pairs", type=int, help="pairs for the naive per-pair protocol (default 8, 0 skips)")
+    p.add_argument("--quick", action="store_true", help="small series (~1 min): no 12,234-pair run, projected instead")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument("--workdir", help="keep the synthetic cache here (default: a temporary folder, removed)")
+    p.add_argument("--json", dest="json_out", help="also write every figure to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    full = {"images": 300, "pairs": "250,1000,12234", "image_counts": "60,150,300", "series_pairs": 250,
+            "breakdown_pairs": 250, "compare_pairs": 1000, "compare_repeats": 2, "naive_pairs": 8}
+    quick = {"images": 150, "pairs": "250,1000", "image_counts": "50,150", "series_pairs": 250,
+             "breakdown_pairs": 250, "compare_pairs": 500, "compare_repeats": 1, "naive_pairs": 4}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.pairs = [int(x) for x in str(args.pairs).split(",") if x.strip()]
+    args.image_counts = sorted({min(int(x), args.images) for x in str(args.image_counts).split(",") if x.strip()})
+    args.kps = tuple(int(x) for x in args.kps.split(","))
+    if len(args.kps) != 2 or not 1 <= args.kps[0] <= args.kps[1]:
+        p.error("--kps takes MIN,MAX with 1 <= MIN <= MAX")
+    if args.images < 2 * args.categories:
+        p.error(f"--images {args.images}: need at least 2 per category ({args.categories} categories)")
+    if min(args.image_counts) < 2 * args.categories:
+        p.error(f"--image-counts: every count needs at least 2 images per category ({args.categories})")
+    return args
+
+
+# ------------------------------------------------------------------------------------ synthetic setting
+class Synthetic:
+    """Image ids, sizes and boxes; descriptor maps stored in a cache; pair lists on demand."""
+
+    def __init__(self, args, work: Path):
+        from dhf_cache.cache import FeatureCache
+        from dhf_cache.config import BuildSpec, FeatureSpace, ModelIdentity
+        from dhf_cache.descriptor_store import DescriptorStore
+        from dhf_cache.layers import LayerInfo
+
+        self.args = args
+        rng = np.random.default_rng(args.seed)
+        cats = CATEGORIES[: args.categories] if args.categories <= len(CATEGORIES) else \
+            tuple(f"category{c:02d}" for c in range(args.categories))
+        # round-robin categories, so the first I images of the list cover every category evenly
+        self.ids = [f"{cats[i % len(cats)]}/{2008 + i % 5}_{i:06d}" for i in range(args.images)]
+        self.category = {image_id: image_id.split("/")[0] for image_id in self.ids}
+        self.sizes, self.boxes = {}, {}
+        for image_id in self.ids:  # PASCAL-like: long side 500, short side 280-500, either orientation
+            long_, short = 500, int(rng.integers(280, 501))
+            w, h = (long_, short) if rng.random() < 0.6 else (short, long_)
+            bw, bh = rng.uniform(0.3, 0.95) * w, rng.uniform(0.3, 0.95) * h
+            x1, y1 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            self.sizes[image_id] = (w, h)
+            self.boxes[image_id] = (round(x1, 1), round(y1, 1), round(x1 + bw, 1), round(y1 + bh, 1))
+
+        identity = ModelIdentity(unet_class="synthetic", unet_sha256="synthetic", vae_sha256="synthetic",
+                                 text_encoder_sha256="synthetic")
+        spec = BuildSpec(feature_space=FeatureSpace(model=identity, steps=50, save_steps=(49,), layers=(LAYER,)))
+        url = work / "synthetic-cache"
+        self.cache = FeatureCache.prepare(str(url), spec, [LayerInfo(LAYER, 4, 1, 1)], [-1], self.ids,
+                                          latent_shape=(4, 1, 1), provenance={"bench": "eval_scaling"})
+        self.index = self.cache.index_of()
+        # the checkpoint stand-in: what `_checkpoint_descriptors` reads off a loaded checkpoint
+        from dhf_cache.aggregator import AggregationNetwork
+
+        net = AggregationNetwork([LayerInfo(LAYER, 4, 1, 1)], 1, args.dim, args.grid, num_groups=min(8, args.dim // 4))
+        self.checkpoint = SimpleNamespace(network=net, fingerprint="synthetic-eval-scaling-" + "0" * 40,
+                                          layer_names=[LAYER], timesteps=[-1],
+                                          features={"layers": [LayerInfo(LAYER, 4, 1, 1).as_dict()], "timesteps": [-1]})
+        shape = (args.dim, args.grid, args.grid)
+        self.store = DescriptorStore(self.cache, self.checkpoint.fingerprint, shape, {"bench": "eval_scaling"})
+        done = self.store.done_mask()
+        gen = torch.Generator().manual_seed(args.seed)
+        start = time.perf_counter()
+        for i in range(len(self.ids)):
+            if not done[i]:  # post-ReLU like the aggregator's output (about half zeros)
+                self.store.write(i, torch.relu(torch.randn(shape, generator=gen)))
+        self.write_seconds = time.perf_counter() - start
+        self.stored_bytes_per_image = _stored_bytes(url / "descriptors") / len(self.ids)
+
+    def pairs(self, n_pairs: int, n_images: int, seed: int) -> list:
+        """`n_pairs` pairs over the first `n_images` images: a category at random (weighted by
+        its images), then two distinct images of it; keypoints inside each image's box."""
+        from dhf_cache.datasets import PairRecord
+
+        rng = np.random.default_rng([self.args.seed, seed, n_images])
+        images = self.ids[:n_images]
+        by_cat: dict[str, list[str]] = {}
+        for image_id in images:
+            by_cat.setdefault(self.category[image_id], []).append(image_id)
+        cats = sorted(by_cat)
+        weights = np.array([len(by_cat[c]) for c in cats], dtype=float)
+        weights /= weights.sum()
+        lo, hi = self.args.kps
+        out = []
+        for n in range(n_pairs):
+            cat = cats[rng.choice(len(cats), p=weights)]
+            src, trg = rng.choice(by_cat[cat], size=2, replace=False)
+            k = int(rng.integers(lo, hi + 1))
+            kps = []
+            for image_id in (src, trg):
+                x1, y1, x2, y2 = self.boxes[image_id]
+                kps.append(np.round(rng.uniform([x1, y1], [x2, y2], size=(k, 2)), 1))
+            out.append(PairRecord(
+                name=f"{n}-{src.split('/')[1]}-{trg.split('/')[1]}:{cat}", category=cat, src=src, trg=trg,
+                src_kps=kps[0], trg_kps=kps[1], src_bbox=self.boxes[src], trg_bbox=self.boxes[trg],
+                src_size=self.sizes[src], trg_size=self.sizes[trg],
+            ))
+        return out
+
+    def provider(self, pairs):
+        """What `dhf-cache eval --checkpoint` scores with: `_checkpoint_descriptors`'s provider."""
+        from dhf_cache.pipelines.evaluate import EvalRequest, _checkpoint_descriptors
+
+        request = EvalRequest(cache_url=self.cache.url, dataset="synthetic", out=Path("unused"),
+                              checkpoint=Path("synthetic"), load_size=self.args.load_size, progress=False)
+        provider, counts, _ = _checkpoint_descriptors(self.checkpoint, self.cache, pairs, request, lambda _: None)
+        if counts["computed"]:
+            raise SystemExit(f"the synthetic store lacks descriptors: {counts}")
+        return provider
+
+
+def _stored_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+# ------------------------------------------------------------------------------------ the library path
+ALPHAS = (0.05, 0.1, 0.15)  # dhf-cache eval's default
+
+
+def run_library(syn: Synthetic, pairs) -> dict:
+    """One eval-like run: fresh provider (nothing read yet), score_pairs, PCK summary."""
+    from dhf_cache.scoring import score_pairs
+
+    start = time.perf_counter()
+    provider = syn.provider(pairs)
+    acc, preds = score_pairs(pairs, provider, syn.args.load_size, ALPHAS)
+    summary = acc.summary()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "pairs": len(pairs), "images": len({i for p in pairs for i in (p.src, p.trg)}),
+            "targets": len({p.trg for p in pairs}), "descriptor_reads": provider.computed,
+            "keypoints": int(sum(len(p.src_kps) for p in pairs)),
+            "pck_bbox_0.1": summary["bbox@0.1"]["per_point"], "predictions": preds}
+
+
+def _row(r: dict) -> str:
+    return (f"{r['pairs']:>7,} pairs {r['images']:>5} images {r['targets']:>5} targets "
+            f"{r['descriptor_reads']:>6} reads  {r['seconds']:8.2f} s  {r['seconds'] / r['pairs'] * 1000:7.2f} ms/pair")
+
+
+# ------------------------------------------------------------------------------------ breakdown
+class _TimedF:
+    """Stands in for `torch.nn.functional` inside dhf_cache.matching: times `interpolate` calls
+    made on similarity maps (one channel), delegates everything else."""
+
+    def __init__(self, timers: Timers):
+        self._timers = timers
+
+    def interpolate(self, x, *a, **k):
+        name = "upsample similarity maps to load size" if x.dim() == 4 and x.shape[1] == 1 and x.shape[-1] > 1 else "interpolate (other)"
+        with self._timers.time(name):
+            return F.interpolate(x, *a, **k)
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+
+def run_breakdown(syn: Synthetic, pairs) -> dict:
+    """The library path with timers around each piece (same code, wrapped in this process only)."""
+    import dhf_cache.matching as matching
+    import dhf_cache.scoring as scoring
+    from dhf_cache.descriptor_store import DescriptorStore
+    from dhf_cache.pck import PCKAccumulator
+
+    timers = Timers()
+    original_peaks = matching._peaks
+
+    def timed_peaks(sim, refine, load_size):
+        with timers.time("argmax (_peaks)"):
+            return original_peaks(sim, refine, load_size)
+
+    original_match = matching.match_load_points
+
+    def timed_match(src, trg, px, *, refine=None):
+        with timers.time("match_load_points (all)"):
+            return original_match(src, trg, px, refine=refine)
+
+    with Patches() as patches:
+        patches.set(DescriptorStore, "read", timers.wrap("descriptor reads (DescriptorStore.read)", DescriptorStore.read))
+        patches.set(scoring, "prepare_target", timers.wrap("prepare_target (norm map, once per target)", scoring.prepare_target))
+        patches.set(scoring, "match_points", timers.wrap("match_points (all)", scoring.match_points))
+        patches.set(matching, "match_load_points", timed_match)
+        patches.set(matching, "_lookup", timers.wrap("source descriptor lookup (_lookup)", matching._lookup))
+        patches.set(matching, "_peaks", timed_peaks)
+        patches.set(matching, "_to_original", timers.wrap("map back to original pixels", matching._to_original))
+        patches.set(matching, "F", _TimedF(timers))
+        patches.set(PCKAccumulator, "add_record", timers.wrap("PCK bookkeeping (add_record)", PCKAccumulator.add_record))
+        patches.set(PCKAccumulator, "summary", timers.wrap("PCK summary", PCKAccumulator.summary))
+        result = run_library(syn, pairs)
+    s = timers.seconds
+    # the s.T matmul and the x inv_norm product are inline in match_load_points: time them on the
+    # run's own shapes (one per pair, same K) right here, outside the instrumented run
+    mm_s, mul_s = _inline_pieces(syn, pairs)
+    match_other = s["match_load_points (all)"] - s["source descriptor lookup (_lookup)"] - \
+        s["upsample similarity maps to load size"] - s["argmax (_peaks)"]
+    pieces = {
+        "descriptor reads (DescriptorStore.read)": s["descriptor reads (DescriptorStore.read)"],
+        "prepare_target (norm map, once per target)": s["prepare_target (norm map, once per target)"],
+        "source descriptor lookup (_lookup)": s["source descriptor lookup (_lookup)"],
+        "s.T matmul (K x P x h*w), timed apart": mm_s,
+        "x inv_norm at load size, timed apart": mul_s,
+        "rest of match_load_points (normalise, checks)": max(0.0, match_other - mm_s - mul_s),
+        "upsample similarity maps to load size": s["upsample similarity maps to load size"],
+        "argmax (_peaks)": s["argmax (_peaks)"],
+        "map back to original pixels": s["map back to original pixels"],
+        "match_points: keypoint rescale, checks": s["match_points (all)"] - s["match_load_points (all)"] - s["map back to original pixels"],
+        "PCK bookkeeping (add_record)": s["PCK bookkeeping (add_record)"],
+        "PCK summary": s["PCK summary"],
+    }
+    accounted = sum(pieces.values())
+    pieces["other (sorting, LRU, provider setup, Python)"] = result["seconds"] - accounted
+    return {"seconds": result["seconds"], "pairs": len(pairs), "targets": result["targets"],
+            "descriptor_reads": result["descriptor_reads"], "pieces": pieces,
+            "calls": {k: timers.calls[k] for k in timers.calls}}
+
+
+def _inline_pieces(syn: Synthetic, pairs) -> tuple[float, float]:
+    """Time `s @ T` and `up * inv_norm` alone on the shapes each pair of `pairs` gives."""
+    p, g, load = syn.args.dim, syn.args.grid, syn.args.load_size
+    gen = torch.Generator().manual_seed(1)
+    trg = torch.relu(torch.randn(p, g * g, generator=gen))
+    inv = torch.rand(load, load, generator=gen)
+    mm = mul = 0.0
+    for pair in pairs:
+        s = torch.randn(len(pair.src_kps), p, generator=gen)
+        t0 = time.perf_counter()
+        dots = s @ trg
+        t1 = time.perf_counter()
+        up = torch.empty(len(pair.src_kps), load, load)
+        t2 = time.perf_counter()
+        _ = up * inv
+        t3 = time.perf_counter()
+        mm += t1 - t0
+        mul += t3 - t2
+        del dots
+    return mm, mul
+
+
+def print_breakdown(report: dict) -> None:
+    wall = report["seconds"]
+    print(f"breakdown of one instrumented run ({report['pairs']:,} pairs, {report['targets']} targets, "
+          f"{report['descriptor_reads']} descriptor reads, {wall:.2f} s):")
+    for key, value in report["pieces"].items():
+        print(f"    {key:<50} {value:8.3f} s  {value / wall:6.1%}  {value / report['pairs'] * 1000:7.3f} ms/pair")
+
+
+# ------------------------------------------------------------------------------------ prototype
+def score_pairs_batched(pairs, descriptors, load_size: int, alphas=ALPHAS, chunk_rows: int = 64):
+    """Prototype (not in the library): the same matching as `score_pairs`, but the source
+    keypoints of all pairs of one target go through ONE s.T matmul per target, and the
+    load-size work (upsample, x inv_norm in place, argmax) runs on chunks of `chunk_rows`
+    keypoints laid out as channels of one map (small enough to stay in the CPU cache)."""
+    from dhf_cache.matching import EPS, _axis_weights, _lookup, _source_px, _to_original, prepare_target
+    from dhf_cache.pck import PCKAccumulator
+
+    acc = PCKAccumulator(alphas)
+    preds: list = [np.zeros((0, 2))] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: (pairs[i].trg, pairs[i].src))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and pairs[groups[-1][0]].trg == pairs[i].trg:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    size = (load_size, load_size)
+    for group in groups:
+        trg = prepare_target(descriptors(pairs[group[0]].trg), load_size)
+        p, h, w = trg.desc.shape
+        t_flat = trg.desc.reshape(p, h * w)
+        rows_list, metas = [], []
+        for i in group:
+            pair = pairs[i]
+            valid, px = _source_px(pair.src_kps, pair.src_size, load_size)
+            src = descriptors(pair.src).to(torch.float32)
+            rw = _axis_weights(src.shape[1], load_size, str(src.device))
+            cw = _axis_weights(src.shape[2], load_size, str(src.device))
+            rows_list.append(_lookup(src, rw, cw, torch.from_numpy(px)))
+            metas.append((i, valid, len(px)))
+        s_all = torch.cat(rows_list)
+        s_all = s_all / s_all.norm(dim=1, keepdim=True).clamp_min(EPS)
+        dots = (s_all @ t_flat).reshape(1, -1, h, w)  # one matmul for every keypoint of the target
+        idx = torch.empty(s_all.shape[0], dtype=torch.long)
+        for start in range(0, s_all.shape[0], chunk_rows):
+            sim = F.interpolate(dots[:, start:start + chunk_rows], size=size, mode="bilinear", align_corners=False)[0]
+            sim.mul_(trg.inv_norm)
+            idx[start:start + sim.shape[0]] = sim.reshape(sim.shape[0], -1).argmax(dim=1)
+        xy_all = torch.stack([idx % load_size, idx // load_size], dim=1).to(torch.float32)
+        offset = 0
+        for i, valid, k in metas:
+            pred = _to_original(xy_all[offset:offset + k], valid, load_size, pairs[i].trg_size)
+            offset += k
+            preds[i] = pred
+            acc.add_record(pairs[i], pred)
+    return acc, preds
+
+
+def run_prototype(syn: Synthetic, pairs) -> dict:
+    start = time.perf_counter()
+    provider = syn.provider(pairs)
+    acc, preds = score_pairs_batched(pairs, provider, syn.args.load_size)
+    summary = acc.summary()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "pairs": len(pairs), "pck_bbox_0.1": summary["bbox@0.1"]["per_point"],
+            "predictions": preds}
+
+
+def agreement(a: list, b: list) -> float:
+    """Fraction of keypoints predicted at exactly the same place."""
+    same = total = 0
+    for x, y in zip(a, b):
+        same += int(np.all(np.isclose(x, y, equal_nan=True), axis=1).sum())
+        total += len(x)
+    return same / max(total, 1)
+
+
+# ------------------------------------------------------------------------------------ naive
+def run_naive(syn: Synthetic, pairs) -> dict:
+    """The per-pair protocol: both descriptors read per pair (nothing kept), both maps upsampled
+    in full to the load size, `match_points_reference`."""
+    from dhf_cache.matching import match_points_reference
+
+    preds = []
+    start = time.perf_counter()
+    for pair in pairs:
+        src = syn.store.read(syn.index[pair.src])
+        trg = syn.store.read(syn.index[pair.trg])
+        preds.append(match_points_reference(src, trg, pair.src_kps, pair.src_size, pair.trg_size, syn.args.load_size))
+    return {"seconds": time.perf_counter() - start, "pairs": len(pairs), "predictions": preds}
+
+
+# ------------------------------------------------------------------------------------ main
+def fit_linear(rows: list[dict]) -> dict | None:
+    """seconds ~ a * images + b * pairs (least squares over every library run)."""
+    if len(rows) < 3:
+        return None
+    x = np.array([[r["images"], r["pairs"]] for r in rows], dtype=float)
+    y = np.array([r["seconds"] for r in rows])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return {"seconds_per_image": float(coef[0]), "seconds_per_pair": float(coef[1])}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info("cpu")
+    print(describe_machine(info))
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="dhf-bench-eval-")
+        work = Path(tmp.name)
+    results: dict = {}
+    try:
+        t0 = time.perf_counter()
+        syn = Synthetic(args, work)
+        setup_s = time.perf_counter() - t0
+        config = {"images": args.images, "categories": args.categories, "descriptor": [args.dim, args.grid, args.grid],
+                  "dtype": "float16", "load_size": args.load_size, "keypoints_per_pair": list(args.kps),
+                  "alphas": list(ALPHAS), "lru_capacity": 64, "torch_threads": torch.get_num_threads(),
+                  "quick": args.quick}
+        print(f"config: {args.images} images in {args.categories} categories, descriptors {args.dim}x{args.grid}x{args.grid} "
+              f"fp16 ({syn.stored_bytes_per_image / 2**20:.2f} MiB stored per image), load size {args.load_size}, "
+              f"{args.kps[0]}-{args.kps[1]} keypoints per pair; setup {setup_s:.1f} s "
+              f"(descriptor writes {syn.write_seconds:.1f} s)")
+        results["setup_seconds"] = setup_s
+        results["stored_bytes_per_image"] = syn.stored_bytes_per_image
+
+        # warm-up: the first reads and allocations
+        run_library(syn, syn.pairs(20, args.images, seed=99))
+
+        library_rows: list[dict] = []
+        pair_lists = {}
+        print(f"series P: {args.images} images, growing pairs (library path: _checkpoint_descriptors + score_pairs + summary)")
+        series_p = []
+        for n in args.pairs:
+            pairs = syn.pairs(n, args.images, seed=1)
+            pair_lists[n] = pairs
+            r = run_library(syn, pairs)
+            print("  " + _row(r), flush=True)
+            series_p.append(r)
+        print(f"series I: {args.series_pairs:,} pairs, growing images")
+        series_i = []
+        for n_img in args.image_counts:
+            pairs = syn.pairs(args.series_pairs, n_img, seed=2)
+            r = run_library(syn, pairs)
+            print("  " + _row(r), flush=True)
+            series_i.append(r)
+        library_rows = series_p + series_i
+        fit = fit_linear(library_rows)
+        if fit:
+            print(f"  least squares over these runs: seconds ~ {fit['seconds_per_image'] * 1000:.1f} ms x images + "
+                  f"{fit['seconds_per_pair'] * 1000:.2f} ms x pairs")
+        strip = lambda r: {k: v for k, v in r.items() if k != "predictions"}  # noqa: E731
+        results["series_pairs"] = [strip(r) for r in series_p]
+        results["series_images"] = [strip(r) for r in series_i]
+        results["fit"] = fit
+
+        if args.breakdown_pairs:
+            pairs = syn.pairs(args.breakdown_pairs, args.images, seed=1)
+            report = run_breakdown(syn, pairs)
+            print_breakdown(report)
+            results["breakdown"] = report
+
+        full = next((r for r in series_p if r["pairs"] == SPAIR_TEST_PAIRS), None)
+        if not args.no_prototype:
+            pairs = syn.pairs(args.compare_pairs, args.images, seed=3)
+            lib_s, proto_s, ratios = [], [], []
+            lib_r = proto_r = None
+            for rep in range(args.compare_repeats):
+                order = ("library", "prototype") if rep % 2 == 0 else ("prototype", "library")
+                got = {}
+                for variant in order:
+                    got[variant] = run_library(syn, pairs) if variant == "library" else run_prototype(syn, pairs)
+                lib_r, proto_r = got["library"], got["prototype"]
+                lib_s.append(lib_r["seconds"])
+                proto_s.append(proto_r["seconds"])
+                ratios.append(lib_r["seconds"] / proto_r["seconds"])
+            agree = agreement(lib_r["predictions"], proto_r["predictions"])
+            print(f"prototype (all sources of a target batched), {args.compare_pairs:,} pairs, interleaved x{args.compare_repeats}: "
+                  f"library {median(lib_s):.2f} s, prototype {median(proto_s):.2f} s, speedup {median(ratios):.2f}x; "
+                  f"same prediction for {agree:.2%} of keypoints")
+            results["prototype_compare"] = {"pairs": args.compare_pairs, "library_seconds": lib_s,
+                                            "prototype_seconds": proto_s, "speedups": ratios,
+                                            "speedup_median": median(ratios), "agreement": agree}
+            if full is not None:
+                r = run_prototype(syn, pair_lists[SPAIR_TEST_PAIRS])
+                agree_full = agreement(full["predictions"], r["predictions"])
+                print(f"prototype on {SPAIR_TEST_PAIRS:,} pairs: {r['seconds']:.2f} s "
+                      f"({r['seconds'] / SPAIR_TEST_PAIRS * 1000:.2f} ms/pair; library {full['seconds']:.2f} s); "
+                      f"same prediction for {agree_full:.2%} of keypoints, PCK bbox@0.1 {r['pck_bbox_0.1']:.4f} "
+                      f"vs {full['pck_bbox_0.1']:.4f}")
+                results["prototype_full"] = {"seconds": r["seconds"], "agreement": agree_full,
+                                             "pck": r["pck_bbox_0.1"], "library_pck": full["pck_bbox_0.1"]}
+
+        if args.naive_pairs:
+            pairs = syn.pairs(args.naive_pairs, args.images, seed=4)
+            naive = run_naive(syn, pairs)
+            lib = run_library(syn, pairs)
+            agree = agreement(naive["predictions"], lib["predictions"])
+            per_pair = naive["seconds"] / naive["pairs"]
+            lib_per_pair = (full["seconds"] / full["pairs"]) if full else library_rows[-1]["seconds"] / library_rows[-1]["pairs"]
+            print(f"naive per-pair protocol (match_points_reference, both maps read and upsampled per pair), "
+                  f"{naive['pairs']} pairs: {per_pair * 1000:.0f} ms/pair -> {per_pair * SPAIR_TEST_PAIRS / 60:.1f} min "
+                  f"for {SPAIR_TEST_PAIRS:,} pairs; library {lib_per_pair * 1000:.1f} ms/pair: "
+                  f"{per_pair / lib_per_pair:.0f}x faster; same prediction for {agree:.2%} of keypoints")
+            results["naive"] = {"pairs": naive["pairs"], "seconds_per_pair": per_pair,
+                                "projected_seconds_12234": per_pair * SPAIR_TEST_PAIRS,
+                                "library_seconds_per_pair": lib_per_pair, "speedup": per_pair / lib_per_pair,
+                                "agreement_with_library": agree}
+
+        results["peak_rss_mb"] = peak_rss_mb()
+        print(f"peak RSS: {results['peak_rss_mb']:.0f} MiB")
+        if full is not None:
+            seconds, how = full["seconds"], "measured"
+        else:
+            biggest = max(series_p, key=lambda r: r["pairs"])
+            seconds, how = biggest["seconds"] / biggest["pairs"] * SPAIR_TEST_PAIRS, \
+                f"projected from {biggest['pairs']:,} pairs"
+        results["seconds_12234"] = seconds
+        results["seconds_12234_how"] = how
+        if args.json_out:
+            write_json(args.json_out, {"machine": info, "config": config, "results": results})
+            print(f"figures written to {args.json_out}")
+        print(f"PCK of {SPAIR_TEST_PAIRS:,} pairs over {args.images} images at load {args.load_size}: {seconds:.1f} s "
+              f"({how}; target < {TARGET_SECONDS:.0f} s)")
+        return 0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Stage one on a dask.distributed cluster: one coordinator, many workers, one cache.
+
+The client is the coordinator: it loads the model once to fix the spec (weight identity, layer
+table), creates or checks the cache, and plans the work. Tasks are the build's fixed batch
+groups, so every image is computed with the neighbours a serial build gives it. Each worker
+loads the model once and keeps it; it writes only its images' chunks and done flags. A worker
+that dies mid-task leaves its images not done; the scheduler reruns the task elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dhf_cache.config import BuildOptions, BuildSpec
+from dhf_cache.datasets import ImageRecord
+from dhf_cache.errors import UsageError
+from dhf_cache.pipelines.build import (
+    BuildPlan,
+    BuildRequest,
+    BuildResult,
+    _batch_groups,
+    build_images,
+    open_build,
+    plan_build,
+    request_records,
+)
+from dhf_cache.progress import progress_bar
+
+# Per worker process: the loaded extractor, keyed by what it was loaded with.
+_WORKER_EXTRACTORS: dict[tuple, Any] = {}
+
+
+def _worker_extractor(job: dict):
+    """Load the model once per worker (per model, spec and device) and check it is the spec's."""
+    import torch
+
+    from dhf_cache.backbone import DTYPES, load_backbone
+    from dhf_cache.device import resolve_device
+    from dhf_cache.errors import SpecMismatchError
+    from dhf_cache.extract import FeatureExtractor
+
+    key = (job["model"], job["spec_fingerprint"], job["device"])
+    if key not in _WORKER_EXTRACTORS:
+        if job.get("threads"):
+            torch.set_num_threads(job["threads"])
+        spec = BuildSpec.model_validate(job["spec"])
+        dtype = DTYPES[spec.compute.dtype]
+        backbone = load_backbone(job["model"], dtype)
+        if backbone.identity != spec.feature_space.model:
+            raise SpecMismatchError(
+                f"worker {os.uname().nodename}: --model {job['model']} loads weights that differ from the cache's "
+                "model; give every worker the same model", ["feature_space.model"],
+            )
+        device = resolve_device(job["device"])
+        backbone.to(device)
+        _WORKER_EXTRACTORS[key] = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, dtype)
+    return _WORKER_EXTRACTORS[key]
+
+
+def build_group_task(job: dict, records: list[ImageRecord], plan: BuildPlan) -> dict:
+    """One task on a worker: build one batch group into the cache; returns what happened."""
+    from dhf_cache.cache import FeatureCache
+
+    extractor = _worker_extractor(job)
+    cache = FeatureCache.open(job["url"], job["storage_options"], mode="r+")
+    options = BuildOptions(batch_size=job["batch_size"], device=job["device"], max_pixels=job["max_pixels"],
+                           progress=False)
+    result = build_images(extractor, cache, records, options, log=lambda _: None, plan=plan)
+    return {"built": result.n_built, "failures": result.failures, "pid": os.getpid()}
+
+
+def parse_scheduler(text: str) -> tuple[str, int | None]:
+    """`local:N` (a LocalCluster of N worker processes) or a scheduler address."""
+    if text.startswith("local:"):
+        try:
+            n = int(text.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"--scheduler {text!r}: local:N needs N >= 1 workers, e.g. local:2")
+        return "local", n
+    return text, None
+
+
+def start_client(scheduler: str, threads_per_worker: int = 1):
+    """A dask Client: a fresh LocalCluster for `local:N` (one torch thread per worker unless
+    told otherwise), else a connection to a running scheduler."""
+    from dask.distributed import Client, LocalCluster
+
+    address, n_workers = parse_scheduler(scheduler)
+    if address == "local":
+        env = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker),
+               "OMP_WAIT_POLICY": "PASSIVE"}
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, env=env)
+        return Client(cluster), cluster
+    try:
+        return Client(address, timeout="30s"), None
+    except (OSError, TimeoutError) as exc:
+        raise UsageError(f"--scheduler {scheduler}: cannot reach the dask scheduler ({exc})") from None
+
+
+def run_distributed_build(request: BuildRequest, options: BuildOptions, scheduler: str,
+                          log: Callable[[str], None] = print, client=None) -> BuildResult:
+    """Build on a dask cluster; the calling process coordinates and shows cluster-wide progress."""
+    from dask.distributed import as_completed
+
+    start = time.perf_counter()
+    records = request_records(request)
+    if options.limit:
+        records = records[: options.limit]
+    if request.dtype == "auto":  # the workers' device decides, not the coordinator's
+        request = dataclasses.replace(request, dtype="float16" if options.device.startswith("cuda") else "float32")
+    extractor, cache = open_build(request, [r.id for r in records], "cpu", log)
+    plan = plan_build(cache, records)
+    groups = [g for g in _batch_groups(records, plan.index, options.batch_size) if any(r.id in plan.todo for r in g)]
+    n_skipped = len(records) - len(plan.todo)
+    log(f"cache {cache.url}: {len(records)} images, {n_skipped} already done, {len(plan.todo)} to build "
+        f"in {len(groups)} tasks on {scheduler}")
+    del extractor  # the coordinator's copy of the model is no longer needed
+    job = {
+        "model": request.model, "spec": cache.meta["spec"], "spec_fingerprint": cache.fingerprint["spec"],
+        "url": request.cache_url, "storage_options": request.storage_options, "device": options.device,
+        "batch_size": options.batch_size, "max_pixels": options.max_pixels, "threads": options.threads or 1,
+    }
+    own = client is None
+    cluster = None
+    if own:
+        client, cluster = start_client(scheduler, options.threads or 1)
+    failures: list[tuple[str, str]] = []
+    n_built = 0
+    bar = progress_bar(len(plan.todo), "build (cluster)", unit="img", enabled=options.progress)
+    try:
+        futures = {
+            client.submit(build_group_task, job, group, plan, key=f"dhf-build-{plan.index[group[0].id]}",
+                          pure=False, retries=2): group
+            for group in groups
+        }
+        for future in as_completed(futures):
+            outcome = future.result()
+            n_built += outcome["built"]
+            failures += [tuple(f) for f in outcome["failures"]]
+            bar.update(sum(1 for r in futures[future] if r.id in plan.todo))
+            bar.set_postfix(failed=len(failures), refresh=False)
+    finally:
+        bar.close()
+        if own:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    return BuildResult(cache.url, len(records), n_skipped, n_built, failures, time.perf_counter() - start)

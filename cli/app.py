@@ -10,6 +10,7 @@ from typing import Any, Callable
 import typer
 
 from dhf_cache.errors import DhfCacheError
+from dhf_cache.storage import storage_exceptions
 
 app = typer.Typer(
     name="dhf-cache",
@@ -38,6 +39,14 @@ def report_errors(func: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
             raise typer.Exit(130) from None
+        except storage_exceptions() as exc:
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            typer.secho(
+                f"error: storage or I/O failure ({type(exc).__name__}: {detail}). Finished work is kept; "
+                "check the path, the server and --storage-options, then rerun the same command.",
+                fg=typer.colors.RED, err=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 

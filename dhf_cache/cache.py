@@ -278,7 +278,12 @@ class FeatureCache:
                        (self._array(f"{GENERATED}/seeds"), np.asarray(image.seed, dtype=np.int64))]
 
         async def write_all():
-            await asyncio.gather(*(arr.async_array.setitem(index, value) for arr, value in writes))
+            # wait for every write, then raise the first failure (none is left unretrieved)
+            outcomes = await asyncio.gather(*(arr.async_array.setitem(index, value) for arr, value in writes),
+                                            return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
 
         sync(write_all())
         self._array("done")[index] = True

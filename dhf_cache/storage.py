@@ -20,6 +20,29 @@ def local_path(url: str) -> Path:
     return Path(url.removeprefix("file://")).expanduser()
 
 
+IO_TIMEOUT_ENV = "DHF_CACHE_IO_TIMEOUT"
+
+
+def io_timeout() -> float:
+    """Seconds any one object-store operation may take (env DHF_CACHE_IO_TIMEOUT, default 300)."""
+    try:
+        return float(os.environ.get(IO_TIMEOUT_ENV, "300"))
+    except ValueError:
+        raise UsageError(f"{IO_TIMEOUT_ENV}={os.environ[IO_TIMEOUT_ENV]!r}: expected seconds, e.g. 300") from None
+
+
+def storage_exceptions() -> tuple[type[BaseException], ...]:
+    """Errors that mean the storage failed (not a bug): I/O, timeouts, object-store clients."""
+    kinds: list[type[BaseException]] = [OSError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        kinds += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
 def parse_storage_options(text: str | None) -> dict[str, Any]:
     """`--storage-options` JSON (an object), e.g. '{"endpoint_url": "http://127.0.0.1:9000"}'."""
     if not text:
@@ -44,6 +67,10 @@ def open_store(url: str, storage_options: dict[str, Any] | None = None, read_onl
         if read_only and not path.exists():
             raise StorageError(f"{url}: no such cache (the folder does not exist)")
         return LocalStore(path, read_only=read_only)
+    import zarr
+
+    # Bound every object-store operation: a frozen server would otherwise hang a PUT forever.
+    zarr.config.set({"async.timeout": io_timeout()})
     try:
         return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
     except ImportError as exc:

@@ -290,12 +290,15 @@ def verify(
     report = verify_cache(cache, repair=repair, progress=progress, log=log)
     if json_output:
         print_json({"n_images": report.n_images, "n_done": report.n_done, "n_chunks": report.n_chunks,
-                    "problems": report.problems, "repaired": report.repaired, "ok": report.ok})
+                    "problems": report.problems, "repaired": report.repaired, "ok": report.ok,
+                    "stray_files": report.stray_files})
     else:
         typer.echo(f"verified {report.n_done} done images of {report.n_images} ({report.n_chunks} chunks): "
                    + ("all good" if report.ok else f"{len(report.problems)} bad"))
         for image_id, problems in report.problems.items():
             typer.secho(f"  BAD {image_id}: {'; '.join(problems)}", fg=typer.colors.RED)
+        if report.stray_files and not repair:
+            typer.echo(f"{len(report.stray_files)} temp file(s) left by killed writers (harmless; --repair deletes them)")
         if report.problems and not repair:
             typer.echo("Run with --repair to mark them not done, then rerun the build to recompute exactly those.")
     if not report.ok and not repair:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dhf_cache.errors import UsageError
+from dhf_cache.points import as_points
 
 EPS = 1e-12
 REFINE_CHOICES = ("none", "window-softargmax")
@@ -42,24 +43,13 @@ REFINE_CHOICES = ("none", "window-softargmax")
 # --------------------------------------------------------------------------- coordinates
 
 
-def _as_points(points) -> np.ndarray:
-    if isinstance(points, torch.Tensor):
-        points = points.detach().cpu().numpy()
-    arr = np.asarray(points, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 2)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"keypoints must have shape (K, 2) [x, y], got {arr.shape}")
-    return arr
-
-
 def rescale_points(points, from_size: tuple[float, float], to_size: tuple[float, float]) -> np.ndarray:
     """[x, y] points from an image of size (W, H) to one of size (W', H').
 
     The scale is computed first and then multiplied (`x * (W' / W)`), as Ref does, so that
     exact halves round the same way when the result is rounded to a pixel.
     """
-    pts = _as_points(points)
+    pts = as_points(points)
     scale = np.array([to_size[0] / from_size[0], to_size[1] / from_size[1]], dtype=np.float64)
     return pts * scale
 
@@ -76,7 +66,7 @@ def from_load(points, load_size: int, size: tuple[float, float]) -> np.ndarray:
 
 def source_pixels(load_points, load_size: int) -> np.ndarray:
     """Load-size [x, y] -> integer pixel [x, y]: clip to [0, load - 1], then round half to even (Ref)."""
-    pts = np.clip(_as_points(load_points), 0, load_size - 1)
+    pts = np.clip(as_points(load_points), 0, load_size - 1)
     return np.round(pts).astype(np.int64)
 
 

@@ -32,22 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dhf_cache.errors import UsageError
+from dhf_cache.points import as_points
 
 DEFAULT_ALPHAS = (0.05, 0.1, 0.15)
 KINDS = ("bbox", "img")
 COUNTERS = ("empty_pairs", "invalid_gt_points", "invalid_pred_points", "gt_outside_image",
             "pred_outside_image", "invalid_bbox_pairs", "invalid_size_pairs")
-
-
-def _points(points) -> np.ndarray:
-    if hasattr(points, "detach"):
-        points = points.detach().cpu().numpy()
-    arr = np.asarray(points, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 2)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"keypoints must have shape (K, 2) [x, y], got {arr.shape}")
-    return arr
 
 
 def bbox_length(bbox: Sequence[float]) -> float | None:
@@ -111,7 +101,7 @@ class PCKAccumulator:
         """Add one pair (points [x, y] in original target pixels). Returns None for an empty pair."""
         if name in self._names:
             raise ValueError(f"pair {name!r} added twice to the PCK accumulator")
-        pred, gt = _points(pred_kps), _points(gt_kps)
+        pred, gt = as_points(pred_kps), as_points(gt_kps)
         if pred.shape != gt.shape:
             raise ValueError(f"pair {name!r}: {pred.shape[0]} predictions for {gt.shape[0]} keypoints")
         self._names.add(name)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dhf_cache.errors import UsageError
+from dhf_cache.points import as_points
 
 CORRECT_COLOUR = (0, 200, 0)
 WRONG_COLOUR = (230, 0, 0)
@@ -151,12 +152,10 @@ def plot_category_bars(metrics: dict, path: str | Path, key: str = "bbox@0.1") -
 
 
 def _points(points, what: str) -> np.ndarray:
-    arr = np.asarray(points, dtype=np.float64)
-    if arr.size == 0:
-        return arr.reshape(0, 2)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise UsageError(f"{what}: expected (K, 2) [x, y] points, got shape {arr.shape}")
-    return arr
+    try:
+        return as_points(points, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def draw_correspondences(src_image: Image.Image, trg_image: Image.Image, src_points, trg_points,

@@ -3,13 +3,15 @@
 A done image must have every per-image chunk on the store (the arrays write empty chunks too),
 each chunk must decode (zstd) and pass its crc32c checksum with the array's shape, and its
 features must be finite. `repair` clears the done flag of each image that fails, and records
-why, so the next build recomputes exactly those.
+why, so the next build recomputes exactly those. On local disk it also lists the `*.partial`
+temp files a killed writer leaves behind (never visible as chunks); `repair` deletes them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +26,7 @@ class VerifyReport:
     n_chunks: int = 0
     problems: dict[str, list[str]] = field(default_factory=dict)  # image id -> what is wrong
     repaired: list[str] = field(default_factory=list)
+    stray_files: list[str] = field(default_factory=list)  # temp files of killed writers (local disk)
 
     @property
     def ok(self) -> bool:
@@ -42,6 +45,11 @@ def _chunk_exists(cache: FeatureCache, path: str, array, index: int) -> bool:
 
     key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
     return bool(sync(cache.group.store.exists(f"{path}/{key}")))
+
+
+def _stray_partials(cache: FeatureCache) -> list[Path]:
+    root = getattr(cache.group.store, "root", None)
+    return sorted(Path(root).rglob("*.partial")) if isinstance(root, Path) else []
 
 
 def verify_cache(cache: FeatureCache, repair: bool = False, progress: bool = True,
@@ -72,6 +80,12 @@ def verify_cache(cache: FeatureCache, repair: bool = False, progress: bool = Tru
                 report.problems.setdefault(image_id, []).append(problem)
         bar.update(1)
     bar.close()
+    strays = _stray_partials(cache)
+    report.stray_files = [str(p) for p in strays]
+    if repair and strays:
+        for path in strays:
+            path.unlink(missing_ok=True)
+        log(f"removed {len(strays)} temp file(s) left by killed writers")
     if repair and report.problems:
         index_of = cache.index_of()
         for image_id, problems in report.problems.items():

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,29 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
         [sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *args],
         capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT,
     )
+
+
+def start_cli(*args: str, capture: bool = False) -> subprocess.Popen:
+    """`dhf-cache ARGS` as a background process (to kill or stop things around it)."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *map(str, args)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out, stderr=out, text=True,
+    )
+
+
+def done_flags(done_dir: Path) -> list[Path]:
+    """The finished chunk files of a `done` array (zarr's LocalStore writes `*.partial` then renames)."""
+    return [p for p in done_dir.iterdir() if not p.name.endswith(".partial")] if done_dir.is_dir() else []
+
+
+def wait_for_first_done(cache_dir: Path, timeout: float = 300) -> Path:
+    """Block until a build has set its first done flag (chunk files under done/c); returns that folder."""
+    done = Path(cache_dir) / "done" / "c"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not done_flags(done):
+        time.sleep(0.02)
+    return done
 
 
 def small_build_args(dataset: str, cache: Path, model: Path, *extra: str) -> list[str]:

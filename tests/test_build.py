@@ -6,9 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT, cli, small_build_args
+from conftest import cli, done_flags, small_build_args, start_cli, wait_for_first_done
 from dhf_cache.cache import FeatureCache
 from dhf_cache.cli.app import app
 from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
@@ -235,16 +232,11 @@ def test_resume_after_sigkill_ends_with_the_arrays_of_an_uninterrupted_build(tmp
     assert cli(*args(reference)).returncode == 0
 
     killed = tmp_path / "killed.zarr"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *args(killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done_dir = killed / "done" / "c"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (done_dir.is_dir() and any(done_dir.iterdir())):
-        time.sleep(0.02)
+    proc = start_cli(*args(killed))
+    done_dir = wait_for_first_done(killed)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    n_done = len(list(done_dir.iterdir()))
+    n_done = len(done_flags(done_dir))
     assert 0 < n_done < 8, "the kill should land mid-build"  # trn + test: 8 images
 
     rerun = cli(*args(killed), "--json")
@@ -296,13 +288,17 @@ def test_verify_finds_a_flipped_byte_and_repair_plus_rebuild_restores_it(tmp_pat
     data[len(data) // 2] ^= 0x01  # one flipped bit
     chunk.write_bytes(bytes(data))
     (cache / "latents" / "c" / "3" / "0" / "0" / "0").unlink()  # and a lost chunk
+    stray = cache / "done" / "c" / "1.0123abcd.partial"  # what a writer killed mid-write leaves
+    stray.write_bytes(b"\x01")
     bad = invoke("verify", str(cache))
     assert bad.exit_code == 1
     assert f"BAD {c.image_ids[2]}: features/up_blocks.2.resnets.1: unreadable chunk" in bad.output
     assert "checksum" in bad.output
     assert f"BAD {c.image_ids[3]}: latents: chunk missing" in bad.output
+    assert "1 temp file(s) left by killed writers" in bad.output
     repaired = invoke("verify", str(cache), "--repair")
     assert repaired.exit_code == 0 and "cleared the done flag of 2 image(s)" in repaired.output
+    assert "removed 1 temp file(s)" in repaired.output and not stray.exists()
     assert FeatureCache.open(str(cache)).done_mask().tolist() == [True, True, False, False]
     rebuilt = invoke(*args, "--json")
     assert rebuilt.exit_code == 0 and json.loads(rebuilt.stdout)["n_built"] == 2

@@ -12,13 +12,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 import zarr
 
-from conftest import ROOT, cli, small_build_args
+from conftest import ROOT, cli, small_build_args, wait_for_first_done
 from dhf_cache.cache import FeatureCache
 
 
@@ -92,10 +91,7 @@ def test_a_worker_killed_mid_build_does_not_lose_or_double_images(tmp_path, seri
             request, BuildOptions(batch_size=2, device="cpu", progress=False, threads=1), "local:2",
             log=lambda _: None, client=client)))
         worker.start()
-        done = cache / "done" / "c"
-        deadline = time.time() + 300
-        while time.time() < deadline and not (done.is_dir() and any(done.iterdir())):
-            time.sleep(0.02)
+        wait_for_first_done(cache)
         os.kill(pids[0], signal.SIGKILL)
         worker.join(timeout=600)
         result = outcome["result"]

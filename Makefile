@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/dhf-cache demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -1,7 +1,9 @@
 """Fingerprints of specs and a readable list of how two specs differ.
 
 A fingerprint is the sha256 of the canonical JSON (sorted keys, no spaces) of a spec, so it is
-stable across Python versions, key order and processes.
+stable across Python versions, key order and processes. Fields whose value is None (unset
+options) are left out, so adding an optional field in a later version keeps every existing
+cache's and checkpoint's fingerprint.
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ from typing import Any
 from pydantic import BaseModel
 
 
+def without_unset(value: Any) -> Any:
+    """`value` with every None-valued dict entry removed, recursively."""
+    if isinstance(value, dict):
+        return {k: without_unset(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_unset(v) for v in value]
+    return value
+
+
 def canonical_json(value: Any) -> str:
     if isinstance(value, BaseModel):
         value = value.model_dump(mode="json")
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps(without_unset(value), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def sha256_of(value: Any) -> str:
@@ -41,7 +52,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, sub in value.items():
-            out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
+            if sub is not None:  # unset, as in a spec written before the field existed
+                out.update(_flatten(sub, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: value}
 

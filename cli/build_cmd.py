@@ -98,7 +98,7 @@ def build(
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float16 on CUDA, float32 otherwise), float32, float16, bfloat16.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the sampled VAE latents (each image's generator derives from seed and image id).")] = 0,
-    codec: Annotated[str, typer.Option(help="zstd (lossless, default) or bitround (lossy: keep --keepbits mantissa bits, then zstd).")] = "zstd",
+    codec: Annotated[str, typer.Option(help="zstd (lossless, default); bitround (lossy: keep --keepbits mantissa bits, then zstd); quant8 (lossy: 8-bit codes per map, then zstd; ~2x smaller).")] = "zstd",
     keepbits: Annotated[Optional[int], typer.Option(min=1, max=9, help="Mantissa bits kept by --codec bitround (fp16 has 10).")] = None,
     zstd_level: Annotated[int, typer.Option(min=1, max=22, help="zstd compression level of stored chunks.")] = 3,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Build only the first N images (by id).")] = None,
@@ -241,8 +241,9 @@ def info(
     echo(
         f"storage        {human_bytes(data['bytes'])} on disk, features {human_bytes(data['feature_bytes'])}; "
         f"native fp16 {human_bytes(data['feature_bytes_per_image_native_fp16'])}/image; "
-        f"{codec['name']}" + (f" keepbits {codec['keepbits']} +" if codec.get("keepbits") else "")
-        + f" zstd level {codec['level']} + {codec['checksum']}"
+        + ("" if codec["name"] == "zstd" else f"{codec['name']}"
+           + (f" keepbits {codec['keepbits']}" if codec.get("keepbits") else "") + " + ")
+        + f"zstd level {codec['level']} + {codec['checksum']}"
         + (f", compression ratio {ratio:.2f}x" if ratio else "")
     )
     for failure in data["failures"]:

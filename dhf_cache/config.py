@@ -102,9 +102,11 @@ class ComputeSpec(Frozen):
 class CodecSpec(Frozen):
     """How feature chunks are stored. `zstd` is lossless; `bitround` first rounds each fp16
     value's 10-bit mantissa to `keepbits` bits (relative error <= 2^-(keepbits+1)), which makes
-    zstd far more effective. Latents are always stored losslessly."""
+    zstd far more effective; `quant8` stores each (timestep, channel) map as uint8 codes with
+    its own minimum and step (absolute error <= 1/510 of the map's range; dhf_cache/quant8.py).
+    Latents are always stored losslessly."""
 
-    name: Literal["zstd", "bitround"] = "zstd"
+    name: Literal["zstd", "bitround", "quant8"] = "zstd"
     level: int = Field(3, ge=1, le=22)
     keepbits: int | None = Field(None, ge=1, le=9)
     checksum: Literal["crc32c"] = "crc32c"

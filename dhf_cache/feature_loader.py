@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import numpy as np
 import torch
 
 from dhf_cache.cache import FeatureCache
@@ -72,13 +71,10 @@ class FeatureReader:
         self._all_positions = list(selection.positions) == list(range(len(cache.timesteps)))
 
     def read(self, index: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for layer in self.selection.layers:
-            chunk = self.cache.feature_array(layer.name)[index]  # one chunk: every step of one image
-            if not self._all_positions:
-                chunk = np.ascontiguousarray(chunk[list(self.selection.positions)])
-            out[layer.name] = torch.from_numpy(chunk)
-        return out
+        # one chunk per layer (every step of one image), all layers fetched concurrently
+        positions = None if self._all_positions else self.selection.positions
+        chunks = self.cache.read_features(index, [layer.name for layer in self.selection.layers], positions)
+        return {name: torch.from_numpy(chunk) for name, chunk in chunks.items()}
 
 
 class Prefetcher(Generic[T, R]):

@@ -219,7 +219,9 @@ def _checkpoint_descriptors(ckpt: Checkpoint, cache: FeatureCache, pairs: list[P
         store.write(i, aggregate(net, features, device))
         bar.update(1)
     bar.close()
-    provider = LRUDescriptors(lambda image_id: store.read(index[image_id]), capacity=64)
+    # Keep up to ~2 GiB of descriptors (SD 1.5 size: ~330 images) so each is read about once.
+    capacity = max(64, (2 << 30) // (4 * int(np.prod(store.shape))))
+    provider = LRUDescriptors(lambda image_id: store.read(index[image_id]), capacity=capacity)
     return provider, {"computed": len(todo), "reused": len(needed) - len(todo), "stored_in_cache": store.persistent}, notes
 
 

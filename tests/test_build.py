@@ -250,7 +250,7 @@ def test_resume_after_sigkill_ends_with_the_arrays_of_an_uninterrupted_build(tmp
         assert np.array_equal(got[path], want[path]), path
 
 
-def test_bitround_codec_stores_rounded_values_and_is_smaller(tmp_path, mini_spair, tiny_model_dir):
+def test_lossy_codecs_store_bounded_errors_and_are_smaller(tmp_path, mini_spair, tiny_model_dir):
     from numcodecs import BitRound
 
     base = small_build_args(f"spair:{mini_spair}", tmp_path / "zstd.zarr", tiny_model_dir, "--split", "test")
@@ -273,6 +273,27 @@ def test_bitround_codec_stores_rounded_values_and_is_smaller(tmp_path, mini_spai
     assert rounded.info()["feature_bytes"] < 0.8 * exact.info()["feature_bytes"]
     bad = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "x.zarr", tiny_model_dir, "--codec", "bitround"))
     assert bad.exit_code == 2 and "keepbits" in bad.output
+
+    # quant8: each (timestep, channel) map as uint8 codes with its own minimum and step
+    from dhf_cache.quant8 import dequantize, quantize
+
+    q8 = small_build_args(f"spair:{mini_spair}", tmp_path / "q8.zarr", tiny_model_dir, "--split", "test",
+                          "--codec", "quant8")
+    assert invoke(*q8).exit_code == 0
+    quantized = FeatureCache.open(str(tmp_path / "q8.zarr"))
+    assert quantized.fingerprint["feature_space"] == exact.fingerprint["feature_space"]
+    for name, values in exact.read_features(0).items():
+        got = quantized.read_features(0)[name]
+        assert got.dtype == np.float16 and np.array_equal(got, dequantize(*quantize(values), values.shape)), name
+        x = values.astype(np.float64)
+        half_step = (x.max(axis=(2, 3), keepdims=True) - x.min(axis=(2, 3), keepdims=True)) / 510
+        assert (np.abs(got - x) <= half_step + np.abs(x) * 2.0 ** -11 + 1e-7).all(), name
+        assert not np.array_equal(got, values) or values.shape[-1] == 1, name  # lossy, except 1x1 maps
+    assert quantized.info()["feature_bytes"] < 0.85 * exact.info()["feature_bytes"]
+    assert invoke("verify", str(tmp_path / "q8.zarr")).exit_code == 0
+    refused = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "y.zarr", tiny_model_dir, "--codec", "quant8",
+                                       "--keepbits", "3"))
+    assert refused.exit_code == 2 and "keepbits" in refused.output
 
 
 def test_verify_finds_a_flipped_byte_and_repair_plus_rebuild_restores_it(tmp_path, mini_spair, tiny_model_dir):

@@ -1,0 +1,160 @@
+"""`make bench`: run every benchmark, one after the other, and rewrite docs/benchmarks.md.
+
+Each benchmark runs in its own process (so peak RSS is its own), writes its figures as JSON
+under bench-out/, and prints its ratio on its last line; this script collects the last lines
+into a summary table and keeps every benchmark's full output in the document, with the
+machine and the command that produced them. Benchmarks never run during `make test`.
+
+    python bench/run_all.py                    # everything (~30 min on a 2-core CPU)
+    python bench/run_all.py --only eval,codecs # a subset; the other sections keep their old text
+    python bench/run_all.py --quick            # the quick variants, for checking the suite works
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+OUT = ROOT / "bench-out"
+
+# name: (title, script and arguments, quick arguments, what the issue asks)
+BENCHMARKS = {
+    "build": ("1-2. Build overhead and where stage one's time goes (tiny model)",
+              ["build_overhead.py"], ["build_overhead.py", "--images", "4", "--repeats", "2", "--breakdown-repeats", "1"],
+              "build / bare inversion <= 1.10"),
+    "build-sd15": ("1-2. Build overhead, SD 1.5-config UNet (random weights)",
+                   ["build_overhead.py", "--model", "sd15"],
+                   ["build_overhead.py", "--model", "sd15", "--steps", "2", "--image-size", "128", "--repeats", "1",
+                    "--breakdown-repeats", "1"],
+                   "build / bare inversion <= 1.10"),
+    "train": ("3-4. Training from the cache vs the reference approach; the loader",
+              ["train_speed.py"], ["train_speed.py", "--quick"], "reference / cache >= 20x; loader wait <= 10%"),
+    "eval": ("5. Eval cost vs pairs and images", ["eval_scaling.py"], ["eval_scaling.py", "--quick"],
+             "SPair test (12,234 pairs) < 60 s; flat in pairs"),
+    "cluster": ("Cluster build throughput; loader reads from S3, local disk and plain file reads",
+                ["cluster_throughput.py"], ["cluster_throughput.py", "--images", "4", "--steps", "5", "--repeats", "1",
+                                            "--read-passes", "1"],
+                "2 workers / 1 worker >= 1.6"),
+    "codecs": ("6. Storage codecs: bytes per image, throughput, error, PCK change",
+               ["storage_codecs.py"], ["storage_codecs.py", "--keepbits", "5", "--no-sd15"], "recommendation"),
+}
+BEGIN, END = "<!-- bench:{} begin -->", "<!-- bench:{} end -->"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    p.add_argument("--quick", action="store_true", help="the quick variants (figures not representative)")
+    p.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    return p.parse_args(argv)
+
+
+def run_one(name: str, argv: list[str]) -> dict:
+    OUT.mkdir(exist_ok=True)
+    command = [sys.executable, str(HERE / argv[0]), *argv[1:], "--json", str(OUT / f"{name}.json")]
+    shown = "python bench/" + " ".join(argv)
+    print(f"== {name}: {shown}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    proc.wait()
+    seconds = time.perf_counter() - start
+    text = [l for l in lines if l.strip()]
+    # progress bars and warnings are noise in the document; keep the figures
+    text = [l for l in text if not re.search(r"\d+%\|", l) and "Warning" not in l]
+    return {"command": shown, "rc": proc.returncode, "seconds": seconds, "output": text,
+            "last": text[-1] if text else "(no output)"}
+
+
+def section(name: str, result: dict) -> str:
+    title, _, _, target = BENCHMARKS[name]
+    status = "" if result["rc"] == 0 else f"\n**Failed with exit code {result['rc']}.**\n"
+    body = "\n".join(result["output"])
+    return (f"{BEGIN.format(name)}\n### {title}\n\n`{result['command']}` ({result['seconds'] / 60:.1f} min; "
+            f"target: {target}){status}\n\n```\n{body}\n```\n{END.format(name)}")
+
+
+def summary_rows(sections: dict[str, str]) -> list[str]:
+    rows = ["| benchmark | target | result (the benchmark's last line) |", "|---|---|---|"]
+    for name, (title, _, _, target) in BENCHMARKS.items():
+        text = sections.get(name, "")
+        found = re.search(r"```\n(.*?)\n```", text, re.S)
+        last = found.group(1).splitlines()[-1] if found else "not run yet"
+        rows.append(f"| {name} | {target} | {last.replace('|', '/')} |")
+    return rows
+
+
+def old_sections() -> dict[str, str]:
+    if not DOC.is_file():
+        return {}
+    text = DOC.read_text()
+    found = {}
+    for name in BENCHMARKS:
+        m = re.search(re.escape(BEGIN.format(name)) + ".*?" + re.escape(END.format(name)), text, re.S)
+        if m:
+            found[name] = m.group(0)
+    return found
+
+
+def machine_line() -> str:
+    sys.path.insert(0, str(HERE))
+    from _common import describe_machine, machine_info
+
+    return describe_machine(machine_info("cpu"))
+
+
+def write_doc(sections: dict[str, str], quick: bool) -> None:
+    head = DOC.read_text().split("<!-- bench:summary begin -->")[0] if DOC.is_file() else "# Benchmarks\n\n"
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    summary = "\n".join([
+        "<!-- bench:summary begin -->",
+        f"Last written by `make bench` ({'--quick, not representative' if quick else 'python bench/run_all.py'}) "
+        f"on {when}.  ",
+        f"Machine: {machine_line()}",
+        "",
+        *summary_rows(sections),
+        "<!-- bench:summary end -->",
+    ])
+    parts = [head.rstrip() + "\n\n" + summary, "## Full output of each benchmark"]
+    parts += [sections[name] for name in BENCHMARKS if name in sections]
+    DOC.write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {DOC.relative_to(ROOT)}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    sections = old_sections()
+    failed = []
+    for name in names:
+        _, full, quick, _ = BENCHMARKS[name]
+        result = run_one(name, quick if args.quick else full)
+        sections[name] = section(name, result)
+        if result["rc"]:
+            failed.append(name)
+        (OUT / f"{name}.log").write_text("\n".join(result["output"]) + "\n")
+        if not args.no_doc:  # after each benchmark, so an interrupted suite keeps what it measured
+            write_doc(sections, args.quick)
+    print("\n".join(summary_rows(sections)))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,8 +23,10 @@ Offline, on the embedded sample data with the tiny model (CPU, seconds):
     dhf-cache tiny-model tiny && dhf-cache sample-data sample
     dhf-cache build --dataset spair:sample --cache demo.zarr --model tiny --load-size 64 --image-size 64
 
-A smaller cache: lossy bit rounding to 7 mantissa bits (relative error <= 2^-8), then zstd:
+Smaller caches: 8-bit codes per feature map (~2.1x smaller than fp16 for SD 1.5; error <= 1/510
+of each map's range), or lossy bit rounding to 7 mantissa bits (relative error <= 2^-8):
 
+    dhf-cache build --dataset spair:/data/SPair-71k --cache spair-q8.zarr --codec quant8
     dhf-cache build --dataset spair:/data/SPair-71k --cache spair-br7.zarr --codec bitround --keepbits 7
 
 The one-step variant (a single UNet call at t = -1):

@@ -13,9 +13,10 @@ all images already stored so nothing is computed), then `score_pairs` and the PC
     breakdown  where one run's time goes: descriptor reads, prepare_target (norm map), the
                source lookup, the s.T matmul, the upsampling of the similarity maps, x inv_norm,
                the argmax, mapping back, the PCK bookkeeping
-    prototype  a faster variant written here (not in the library): all sources of one target
-               in one matmul / one upsample / one argmax; timed side by side with the library
-               (interleaved) and on the full 12,234 pairs, with its agreement with the library
+    prototype  a variant written here (not in the library): like the library it batches the
+               load-size work of all keypoints of one target, but also does ONE s.T matmul per
+               target (the library does one per pair, so that every prediction equals
+               `match_points`'s bit for bit); timed right after the library on 12,234 pairs
     naive      METHOD.md's per-pair protocol (`match_points_reference`: upsample both maps in
                full, read both descriptors per pair) on a few pairs, projected to 12,234
 
@@ -225,7 +226,7 @@ def _row(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------ breakdown
 class _TimedF:
-    """Stands in for `torch.nn.functional` inside dhf_cache.matching: times `interpolate` calls
+    """Stands in for `torch.nn.functional` inside dhf_cache.scoring: times `interpolate` calls
     made on similarity maps (one channel), delegates everything else."""
 
     def __init__(self, timers: Timers):
@@ -241,62 +242,63 @@ class _TimedF:
 
 
 def run_breakdown(syn: Synthetic, pairs) -> dict:
-    """The library path with timers around each piece (same code, wrapped in this process only)."""
-    import dhf_cache.matching as matching
+    """The library path with timers around each piece (same code, wrapped in this process only).
+
+    `score_pairs` (dhf_cache/scoring.py) per target: prepare_target, then for each pair the
+    source rows (`_source_px`, `_lookup`, normalise), then one `_match_rows` over all of the
+    target's keypoints (s.T matmul per pair, upsample, x inv_norm, `_peaks`), then mapping back
+    and the PCK bookkeeping."""
     import dhf_cache.scoring as scoring
     from dhf_cache.descriptor_store import DescriptorStore
     from dhf_cache.pck import PCKAccumulator
 
     timers = Timers()
-    original_peaks = matching._peaks
+    original_peaks = scoring._peaks
 
     def timed_peaks(sim, refine, load_size):
         with timers.time("argmax (_peaks)"):
             return original_peaks(sim, refine, load_size)
 
-    original_match = matching.match_load_points
-
-    def timed_match(src, trg, px, *, refine=None):
-        with timers.time("match_load_points (all)"):
-            return original_match(src, trg, px, refine=refine)
-
-    base_matmul, base_mul = torch._C.TensorBase.__matmul__, torch._C.TensorBase.__mul__
+    base_matmul, base_mul_ = torch._C.TensorBase.__matmul__, torch._C.TensorBase.mul_
     load = syn.args.load_size
 
-    def timed_matmul(a, b):  # the only `@` on the library path is s @ T in match_load_points
+    def timed_matmul(a, b):  # the only `@` on the library path is s @ T in _match_rows
         with timers.time("s.T matmul (K x P x h*w)"):
             return base_matmul(a, b)
 
-    def timed_mul(a, b):  # only the (K, load, load) product: up(s.T) x inv_norm
+    def timed_mul_(a, b):  # only the (K, load, load) product: up(s.T) x inv_norm
         if a.dim() == 3 and a.shape[-2:] == (load, load):
             with timers.time("x inv_norm at load size"):
-                return base_mul(a, b)
-        return base_mul(a, b)
+                return base_mul_(a, b)
+        return base_mul_(a, b)
 
     with Patches() as patches:
         patches.set(DescriptorStore, "read", timers.wrap("descriptor reads (DescriptorStore.read)", DescriptorStore.read))
         patches.set(scoring, "prepare_target", timers.wrap("prepare_target (norm map, once per target)", scoring.prepare_target))
-        patches.set(scoring, "match_points", timers.wrap("match_points (all)", scoring.match_points))
-        patches.set(matching, "match_load_points", timed_match)
-        patches.set(matching, "_lookup", timers.wrap("source descriptor lookup (_lookup)", matching._lookup))
-        patches.set(matching, "_peaks", timed_peaks)
-        patches.set(matching, "_to_original", timers.wrap("map back to original pixels", matching._to_original))
-        patches.set(matching, "F", _TimedF(timers))
+        patches.set(scoring, "_source_rows", timers.wrap("source rows (all)", scoring._source_rows))
+        patches.set(scoring, "_lookup", timers.wrap("source descriptor lookup (_lookup)", scoring._lookup))
+        patches.set(scoring, "_source_px", timers.wrap("keypoints to load pixels", scoring._source_px))
+        patches.set(scoring, "_match_rows", timers.wrap("match rows (all)", scoring._match_rows))
+        patches.set(scoring, "_peaks", timed_peaks)
+        patches.set(scoring, "_to_original", timers.wrap("map back to original pixels", scoring._to_original))
+        patches.set(scoring, "F", _TimedF(timers))
         patches.set(torch.Tensor, "__matmul__", timed_matmul)
-        patches.set(torch.Tensor, "__mul__", timed_mul)
+        patches.set(torch.Tensor, "mul_", timed_mul_)
         patches.set(PCKAccumulator, "add_record", timers.wrap("PCK bookkeeping (add_record)", PCKAccumulator.add_record))
         patches.set(PCKAccumulator, "summary", timers.wrap("PCK summary", PCKAccumulator.summary))
         result = run_library(syn, pairs)
     s = timers.seconds
-    in_match = ("source descriptor lookup (_lookup)", "s.T matmul (K x P x h*w)", "x inv_norm at load size",
-                "upsample similarity maps to load size", "argmax (_peaks)")
+    in_match = ("s.T matmul (K x P x h*w)", "upsample similarity maps to load size", "x inv_norm at load size",
+                "argmax (_peaks)")
     pieces = {
         "descriptor reads (DescriptorStore.read)": s["descriptor reads (DescriptorStore.read)"],
         "prepare_target (norm map, once per target)": s["prepare_target (norm map, once per target)"],
+        "keypoints to load pixels": s["keypoints to load pixels"],
+        "source descriptor lookup (_lookup)": s["source descriptor lookup (_lookup)"],
+        "source rows: normalise, checks": s["source rows (all)"] - s["source descriptor lookup (_lookup)"],
         **{k: s[k] for k in in_match},
-        "rest of match_load_points (normalise, checks)": s["match_load_points (all)"] - sum(s[k] for k in in_match),
+        "rest of _match_rows (cat, chunking)": s["match rows (all)"] - sum(s[k] for k in in_match),
         "map back to original pixels": s["map back to original pixels"],
-        "match_points: keypoint rescale, checks": s["match_points (all)"] - s["match_load_points (all)"] - s["map back to original pixels"],
         "PCK bookkeeping (add_record)": s["PCK bookkeeping (add_record)"],
         "PCK summary": s["PCK summary"],
     }

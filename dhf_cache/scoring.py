@@ -41,9 +41,9 @@ def _match_rows(rows: list[torch.Tensor], trg: PreparedTarget, refine: WindowSof
     load = trg.load_size
     p, h, w = trg.desc.shape
     flat = trg.desc.reshape(p, h * w)
-    # one matmul per pair, as match_points does: a batched one rounds differently and can flip
-    # near-tied argmaxes; the load-size work below is where batching pays
-    dots = torch.cat([s @ flat for s in rows]).reshape(-1, 1, h, w)  # (k, 1, h, w) as match_points
+    # one matmul for every keypoint of the target; (k, 1, h, w) maps as match_points upsamples
+    # them (another layout can round differently and flip near-tied argmaxes)
+    dots = (torch.cat(rows) @ flat).reshape(-1, 1, h, w)
     s = dots[:, 0]
     out = []
     for start in range(0, s.shape[0], CHUNK_KEYPOINTS):

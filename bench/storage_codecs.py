@@ -210,6 +210,9 @@ def table(rows: list[dict], pck: bool) -> list[str]:
             line += (f" {100 * r['pck_point']:>6.1f}% {100 * r['pck_point_change']:>+6.1f} "
                      f"{100 * r['pck_image']:>6.1f}% {100 * r['pck_image_change']:>+6.1f}")
         lines.append(line)
+    if any(r["codec"] == "quant8" for r in rows):
+        lines.append("  (quant8's error is absolute, <= 1/510 of each map's range, so values near zero have large relative "
+                     "errors; NRMSE = RMS error / the layer's std compares the codecs)")
     return lines
 
 

@@ -287,7 +287,8 @@ def test_lossy_codecs_store_bounded_errors_and_are_smaller(tmp_path, mini_spair,
         assert got.dtype == np.float16 and np.array_equal(got, dequantize(*quantize(values), values.shape)), name
         x = values.astype(np.float64)
         half_step = (x.max(axis=(2, 3), keepdims=True) - x.min(axis=(2, 3), keepdims=True)) / 510
-        assert (np.abs(got - x) <= half_step + np.abs(x) * 2.0 ** -11 + 1e-7).all(), name
+        # half a step, plus the fp16 rounding of the decoded value
+        assert (np.abs(got - x) <= half_step + np.abs(got.astype(np.float64)) * 2.0 ** -11 + 1e-7).all(), name
         assert not np.array_equal(got, values) or values.shape[-1] == 1, name  # lossy, except 1x1 maps
     assert quantized.info()["feature_bytes"] < 0.85 * exact.info()["feature_bytes"]
     assert invoke("verify", str(tmp_path / "q8.zarr")).exit_code == 0

@@ -99,6 +99,9 @@ def cluster_benchmark(args, model, data, work) -> dict:
                 times[n].append(timed_cluster_build(clients[n], dataclasses.replace(request, cache_url=url),
                                                     options, url))
     finally:
+        for name in list(logging.root.manager.loggerDict):  # quiet shutdown (dask sets its own levels)
+            if name.startswith("distributed"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         for n in (1, 2):
             clients[n].close()
             clusters[n].close()

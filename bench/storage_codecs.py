@@ -253,8 +253,9 @@ def main(argv=None) -> int:
         sd = next((r for r in results.get("sd15", {}).get("rows", []) if r["codec"] == RECOMMENDED), None)
         where = (f"SD 1.5 {sd['bytes_per_image_11_steps'] / 1e6:.0f} MB/image, {sd['ratio']:.2f}x smaller than fp16; "
                  if sd else "")
-        print(f"recommended {RECOMMENDED}: {where}demo {rec['ratio']:.2f}x smaller, max rel error "
-              f"{rec['max_rel_error']:.1e}, PCK bbox@0.1 change {100 * rec['pck_point_change']:+.1f} points")
+        error = f"NRMSE {rec['nrmse']:.1e}" if rec["codec"] == "quant8" else f"max rel error {rec['max_rel_error']:.1e}"
+        print(f"recommended {RECOMMENDED}: {where}demo {rec['ratio']:.2f}x smaller, {error}, PCK bbox@0.1 change "
+              f"{100 * rec['pck_point_change']:+.1f} points")
         return 0
     finally:
         if tmp is not None:

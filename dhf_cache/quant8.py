@@ -48,8 +48,12 @@ def dequantize(lo: np.ndarray, step: np.ndarray, codes: np.ndarray, shape: tuple
     """fp16 values of codes (G, H*W) with per-map minimum and step (G,), reshaped to `shape`."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(codes)).to(torch.float32)
-    x.mul_(torch.from_numpy(np.ascontiguousarray(step))[:, None]).add_(torch.from_numpy(np.ascontiguousarray(lo))[:, None])
+    def tensor(a: np.ndarray):  # zarr hands over read-only buffers; torch wants writable arrays
+        a = np.ascontiguousarray(a)
+        return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+    x = tensor(codes).to(torch.float32)
+    x.mul_(tensor(step)[:, None]).add_(tensor(lo)[:, None])
     return x.to(torch.float16).numpy().reshape(shape)
 
 

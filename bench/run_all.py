@@ -5,7 +5,7 @@ under bench-out/, and prints its ratio on its last line; this script collects th
 into a summary table and keeps every benchmark's full output in the document, with the
 machine and the command that produced them. Benchmarks never run during `make test`.
 
-    python bench/run_all.py                    # everything (~30 min on a 2-core CPU)
+    python bench/run_all.py                    # everything (~20 min on a 2-core CPU, +5 min to make demo-out if missing)
     python bench/run_all.py --only eval,codecs # a subset; the other sections keep their old text
     python bench/run_all.py --quick            # the quick variants, for checking the suite works
 """

@@ -72,6 +72,23 @@ def _feature_serializer(spec: BuildSpec):
     return Quant8Codec()
 
 
+def _run_concurrently(coroutines: list) -> list:
+    """Run zarr array coroutines together in one call into zarr's event loop; wait for all of
+    them, then raise the first failure (none is left unretrieved), else return their results."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def run_all():
+        return await asyncio.gather(*coroutines, return_exceptions=True)
+
+    outcomes = sync(run_all())
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return outcomes
+
+
 class FeatureCache:
     """A handle on an existing cache. Open with `FeatureCache.open` or `FeatureCache.prepare`."""
 
@@ -276,10 +293,6 @@ class FeatureCache:
                     clear_failure: bool = True) -> None:
         """Write every array of one image concurrently, then its `done` flag (so a crash never
         half-counts it). `clear_failure=False` skips rewriting an `errors` entry known empty."""
-        import asyncio
-
-        from zarr.core.sync import sync
-
         writes = [(self.feature_array(l.name), image.features[l.name]) for l in self.layers]
         writes += [(self._array("latents"), image.latent), (self._array("sizes"), np.asarray(size, dtype=np.int32))]
         if clear_failure:
@@ -288,16 +301,7 @@ class FeatureCache:
             writes += [(self._array(f"{GENERATED}/images"), image.image),
                        (self._array(f"{GENERATED}/prompts"), np.asarray(image.prompt, dtype=object)),
                        (self._array(f"{GENERATED}/seeds"), np.asarray(image.seed, dtype=np.int64))]
-
-        async def write_all():
-            # wait for every write, then raise the first failure (none is left unretrieved)
-            outcomes = await asyncio.gather(*(arr.async_array.setitem(index, value) for arr, value in writes),
-                                            return_exceptions=True)
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-
-        sync(write_all())
+        _run_concurrently([arr.async_array.setitem(index, value) for arr, value in writes])
         self._array("done")[index] = True
 
     def record_failure(self, index: int, message: str) -> None:
@@ -312,17 +316,8 @@ class FeatureCache:
         All layers' chunks are fetched and decoded concurrently in one call into zarr's event
         loop: one round trip per image instead of one per layer (latency on object stores,
         per-call overhead on small chunks)."""
-        import asyncio
-
-        from zarr.core.sync import sync
-
         names = list(layers or [l.name for l in self.layers])
-        arrays = [self.feature_array(name) for name in names]
-
-        async def read_all():
-            return await asyncio.gather(*(arr.async_array.getitem(index) for arr in arrays))
-
-        chunks = sync(read_all())
+        chunks = _run_concurrently([self.feature_array(name).async_array.getitem(index) for name in names])
         if positions is not None:
             chunks = [np.ascontiguousarray(c[list(positions)]) for c in chunks]
         return dict(zip(names, chunks))

@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -129,6 +130,18 @@ class Patches:
             else:  # the patch shadowed an inherited or class attribute: remove the shadow
                 delattr(owner, name)
         self._saved.clear()
+
+
+@contextmanager
+def work_folder(path: str | Path | None, prefix: str):
+    """`path` (created if missing, kept afterwards), or a temporary folder removed afterwards."""
+    if path:
+        work = Path(path)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            yield Path(tmp)
 
 
 def median(values: list[float]) -> float:

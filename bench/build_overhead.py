@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +47,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from _common import Patches, Timers, describe_machine, machine_info, median, peak_rss_mb, synchronize, write_json
+from _common import (Patches, Timers, describe_machine, machine_info, median, peak_rss_mb, synchronize, work_folder,
+                     write_json)
 
 TARGET = 1.10
 
@@ -472,14 +472,7 @@ def main(argv=None) -> int:
     info = machine_info(str(device))
     print(describe_machine(info))
 
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="dhf-bench-")
-        work = Path(tmp.name)
-    try:
+    with work_folder(args.workdir, "dhf-bench-") as work:
         t0 = time.perf_counter()
         dataset, records = prepare_images(work, args.images, args.seed)
         if args.model == "tiny":
@@ -575,9 +568,6 @@ def main(argv=None) -> int:
             print(f"figures written to {args.json_out}")
         print(f"build/bare = {ratio:.2f} (target <= {TARGET:.2f})")
         return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

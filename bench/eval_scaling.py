@@ -13,10 +13,6 @@ all images already stored so nothing is computed), then `score_pairs` and the PC
     breakdown  where one run's time goes: descriptor reads, prepare_target (norm map), the
                source lookup, the s.T matmul, the upsampling of the similarity maps, x inv_norm,
                the argmax, mapping back, the PCK bookkeeping
-    prototype  a variant written here (not in the library): like the library it batches the
-               load-size work of all keypoints of one target, but also does ONE s.T matmul per
-               target (the library does one per pair, so that every prediction equals
-               `match_points`'s bit for bit); timed right after the library on 12,234 pairs
     naive      METHOD.md's per-pair protocol (`match_points_reference`: upsample both maps in
                full, read both descriptors per pair) on a few pairs, projected to 12,234
 
@@ -31,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +37,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import Patches, Timers, describe_machine, machine_info, median, peak_rss_mb, write_json  # noqa: E402
+from _common import (Patches, Timers, describe_machine, machine_info, peak_rss_mb, work_folder,  # noqa: E402
+                     write_json)
 
 SPAIR_TEST_PAIRS = 12_234
 TARGET_SECONDS = 60.0
@@ -64,10 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", type=int, default=64, help="descriptor grid (default 64)")
     p.add_argument("--kps", default="10,20", help="keypoints per pair, min,max (default 10,20)")
     p.add_argument("--breakdown-pairs", type=int, help="pairs of the instrumented run (default 250, 0 skips)")
-    p.add_argument("--compare-pairs", type=int, help="pairs of extra interleaved library/prototype runs (default 0: "
-                   "the prototype runs right after the library on the 12,234 pairs instead; --quick: 500)")
-    p.add_argument("--compare-repeats", type=int, help="interleaved library/prototype repetitions (default 2)")
-    p.add_argument("--no-prototype", action="store_true", help="skip the batched prototype")
     p.add_argument("--naive-pairs", type=int, help="pairs for the naive per-pair protocol (default 8, 0 skips)")
     p.add_argument("--quick", action="store_true", help="small series (~1 min): no 12,234-pair run, projected instead")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
@@ -76,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     full = {"images": 300, "pairs": "1000,12234", "image_counts": "60,150,300", "series_pairs": 250,
-            "breakdown_pairs": 250, "compare_pairs": 0, "compare_repeats": 2, "naive_pairs": 8}
+            "breakdown_pairs": 250, "naive_pairs": 8}
     quick = {"images": 150, "pairs": "1000", "image_counts": "50,150", "series_pairs": 250,
-             "breakdown_pairs": 250, "compare_pairs": 500, "compare_repeats": 1, "naive_pairs": 4}
+             "breakdown_pairs": 250, "naive_pairs": 4}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -317,91 +309,7 @@ def print_breakdown(report: dict) -> None:
         print(f"    {key:<50} {value:8.3f} s  {value / wall:6.1%}  {value / report['pairs'] * 1000:7.3f} ms/pair")
 
 
-# ------------------------------------------------------------------------------------ prototype
-def score_pairs_batched(pairs, descriptors, load_size: int, alphas=ALPHAS, chunk_rows: int = 64):
-    """Prototype (not in the library): the same matching as `score_pairs`, but the source
-    keypoints of all pairs of one target go through ONE s.T matmul per target, and the
-    load-size work (upsample, x inv_norm in place, argmax) runs on chunks of `chunk_rows`
-    keypoints laid out as channels of one map (small enough to stay in the CPU cache)."""
-    from dhf_cache.matching import EPS, _axis_weights, _lookup, _source_px, _to_original, prepare_target
-    from dhf_cache.pck import PCKAccumulator
-
-    acc = PCKAccumulator(alphas)
-    preds: list = [np.zeros((0, 2))] * len(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: (pairs[i].trg, pairs[i].src))
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and pairs[groups[-1][0]].trg == pairs[i].trg:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    size = (load_size, load_size)
-    for group in groups:
-        trg = prepare_target(descriptors(pairs[group[0]].trg), load_size)
-        p, h, w = trg.desc.shape
-        t_flat = trg.desc.reshape(p, h * w)
-        rows_list, metas = [], []
-        for i in group:
-            pair = pairs[i]
-            valid, px = _source_px(pair.src_kps, pair.src_size, load_size)
-            src = descriptors(pair.src).to(torch.float32)
-            rw = _axis_weights(src.shape[1], load_size, str(src.device))
-            cw = _axis_weights(src.shape[2], load_size, str(src.device))
-            rows_list.append(_lookup(src, rw, cw, torch.from_numpy(px)))
-            metas.append((i, valid, len(px)))
-        s_all = torch.cat(rows_list)
-        s_all = s_all / s_all.norm(dim=1, keepdim=True).clamp_min(EPS)
-        dots = (s_all @ t_flat).reshape(1, -1, h, w)  # one matmul for every keypoint of the target
-        idx = torch.empty(s_all.shape[0], dtype=torch.long)
-        for start in range(0, s_all.shape[0], chunk_rows):
-            sim = F.interpolate(dots[:, start:start + chunk_rows], size=size, mode="bilinear", align_corners=False)[0]
-            sim.mul_(trg.inv_norm)
-            idx[start:start + sim.shape[0]] = sim.reshape(sim.shape[0], -1).argmax(dim=1)
-        xy_all = torch.stack([idx % load_size, idx // load_size], dim=1).to(torch.float32)
-        offset = 0
-        for i, valid, k in metas:
-            pred = _to_original(xy_all[offset:offset + k], valid, load_size, pairs[i].trg_size)
-            offset += k
-            preds[i] = pred
-            acc.add_record(pairs[i], pred)
-    return acc, preds
-
-
-def fast_read(store, index: int) -> torch.Tensor:
-    """Prototype of `DescriptorStore.read` converting fp16 -> fp32 in torch instead of numpy's
-    `np.asarray(..., dtype=np.float32)` (same values, about 8x faster conversion here)."""
-    array = store._memory[index] if not store.persistent else store._maps[index]
-    return torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
-
-
-def compare_reads(syn: Synthetic, n: int, repeats: int = 2) -> dict:
-    """DescriptorStore.read against `fast_read` over the first `n` images, interleaved."""
-    lib, fast = [], []
-    for rep in range(repeats):
-        for variant in (("lib", "fast") if rep % 2 == 0 else ("fast", "lib")):
-            start = time.perf_counter()
-            for i in range(n):
-                syn.store.read(i) if variant == "lib" else fast_read(syn.store, i)
-            (lib if variant == "lib" else fast).append((time.perf_counter() - start) / n)
-    identical = all(torch.equal(syn.store.read(i), fast_read(syn.store, i)) for i in range(0, n, max(1, n // 10)))
-    return {"library_ms_per_image": median(lib) * 1000, "torch_ms_per_image": median(fast) * 1000,
-            "speedup": median(lib) / median(fast), "identical": identical}
-
-
-def run_prototype(syn: Synthetic, pairs) -> dict:
-    """Both prototypes: batched matching and the torch fp16 -> fp32 read (LRU of 64 as eval)."""
-    from dhf_cache.descriptors import LRUDescriptors
-
-    start = time.perf_counter()
-    syn.provider(pairs)  # the same checks and store opening as the library run
-    provider = LRUDescriptors(lambda image_id: fast_read(syn.store, syn.index[image_id]), capacity=64)
-    acc, preds = score_pairs_batched(pairs, provider, syn.args.load_size)
-    summary = acc.summary()
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "pairs": len(pairs), "pck_bbox_0.1": summary["bbox@0.1"]["per_point"],
-            "predictions": preds}
-
-
+# ------------------------------------------------------------------------------------ naive
 def agreement(a: list, b: list) -> float:
     """Fraction of keypoints predicted at exactly the same place."""
     same = total = 0
@@ -411,7 +319,6 @@ def agreement(a: list, b: list) -> float:
     return same / max(total, 1)
 
 
-# ------------------------------------------------------------------------------------ naive
 def run_naive(syn: Synthetic, pairs) -> dict:
     """The per-pair protocol: both descriptors read per pair (nothing kept), both maps upsampled
     in full to the load size, `match_points_reference`."""
@@ -443,15 +350,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     info = machine_info("cpu")
     print(describe_machine(info))
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="dhf-bench-eval-")
-        work = Path(tmp.name)
     results: dict = {}
-    try:
+    with work_folder(args.workdir, "dhf-bench-eval-") as work:
         t0 = time.perf_counter()
         syn = Synthetic(args, work)
         setup_s = time.perf_counter() - t0
@@ -479,24 +379,13 @@ def main(argv=None) -> int:
             series_i.append(r)
         print(f"series P: {args.images} images, growing pairs")
         series_p = []
-        full = proto_full = None
+        full = None
         for n in args.pairs:
             pairs = syn.pairs(n, args.images, seed=1)
             r = run_library(syn, pairs)
             print("  " + _row(r), flush=True)
             series_p.append(r)
-            if n == SPAIR_TEST_PAIRS and not args.no_prototype:
-                full = r
-                proto_full = run_prototype(syn, pairs)
-                agree = agreement(r["predictions"], proto_full["predictions"])
-                print(f"  {n:>7,} pairs, prototype (batched matching per target + torch fp16->fp32 read), right after: "
-                      f"{proto_full['seconds']:.2f} s ({proto_full['seconds'] / n * 1000:.2f} ms/pair), "
-                      f"{r['seconds'] / proto_full['seconds']:.2f}x faster; same prediction for {agree:.2%} of "
-                      f"keypoints, PCK bbox@0.1 {proto_full['pck_bbox_0.1']:.4f} vs {r['pck_bbox_0.1']:.4f}", flush=True)
-                results["prototype_full"] = {"pairs": n, "seconds": proto_full["seconds"], "library_seconds": r["seconds"],
-                                             "speedup": r["seconds"] / proto_full["seconds"], "agreement": agree,
-                                             "pck": proto_full["pck_bbox_0.1"], "library_pck": r["pck_bbox_0.1"]}
-            elif n == SPAIR_TEST_PAIRS:
+            if n == SPAIR_TEST_PAIRS:
                 full = r
         fit = fit_linear(series_i + series_p)
         if fit:
@@ -510,30 +399,6 @@ def main(argv=None) -> int:
             report = run_breakdown(syn, syn.pairs(args.breakdown_pairs, args.images, seed=1))
             print_breakdown(report)
             results["breakdown"] = report
-
-        n_read = min(len(syn.ids), 100)
-        reads = compare_reads(syn, n_read, repeats=2)
-        print(f"descriptor reads ({n_read} images, interleaved x2): DescriptorStore.read {reads['library_ms_per_image']:.1f} "
-              f"ms/image; converting fp16 -> fp32 in torch instead of numpy {reads['torch_ms_per_image']:.1f} ms/image "
-              f"({reads['speedup']:.2f}x; identical values: {reads['identical']})")
-        results["reads"] = reads
-
-        if args.compare_pairs and not args.no_prototype:
-            pairs = syn.pairs(args.compare_pairs, args.images, seed=3)
-            lib_s, proto_s, ratios = [], [], []
-            for rep in range(args.compare_repeats):
-                order = ("library", "prototype") if rep % 2 == 0 else ("prototype", "library")
-                got = {v: (run_library(syn, pairs) if v == "library" else run_prototype(syn, pairs)) for v in order}
-                lib_s.append(got["library"]["seconds"])
-                proto_s.append(got["prototype"]["seconds"])
-                ratios.append(lib_s[-1] / proto_s[-1])
-            agree = agreement(got["library"]["predictions"], got["prototype"]["predictions"])
-            print(f"prototype vs library, {args.compare_pairs:,} pairs over {args.images} images, interleaved "
-                  f"x{args.compare_repeats}: library {median(lib_s):.2f} s, prototype {median(proto_s):.2f} s, "
-                  f"{median(ratios):.2f}x faster; same prediction for {agree:.2%} of keypoints")
-            results["prototype_compare"] = {"pairs": args.compare_pairs, "library_seconds": lib_s,
-                                            "prototype_seconds": proto_s, "speedups": ratios,
-                                            "speedup_median": median(ratios), "agreement": agree}
 
         if args.naive_pairs:
             pairs = syn.pairs(args.naive_pairs, args.images, seed=4)
@@ -570,8 +435,6 @@ def main(argv=None) -> int:
             biggest = max(series_p, key=lambda r: r["pairs"])
             seconds, how = biggest["seconds"] / biggest["pairs"] * SPAIR_TEST_PAIRS, \
                 f"projected from {biggest['pairs']:,} pairs"
-        if proto_full is not None:
-            print(f"prototype: {proto_full['seconds']:.1f} s for the same {SPAIR_TEST_PAIRS:,} pairs (not in the library)")
         results["seconds_12234"] = seconds
         results["seconds_12234_how"] = how
         if args.json_out:
@@ -580,9 +443,6 @@ def main(argv=None) -> int:
         print(f"PCK of {SPAIR_TEST_PAIRS:,} pairs over {args.images} images at load {args.load_size}: {seconds:.1f} s "
               f"({how}; target < {TARGET_SECONDS:.0f} s)")
         return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +41,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import describe_machine, machine_info, peak_rss_mb, write_json  # noqa: E402
+from _common import describe_machine, machine_info, peak_rss_mb, work_folder, write_json  # noqa: E402
 
 KEEPBITS = (7, 5, 3, 2)
 RECOMMENDED = "quant8"
@@ -224,16 +223,9 @@ def main(argv=None) -> int:
     from dhf_cache.backbone import quiet_libraries
 
     quiet_libraries()
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="dhf-bench-codecs-")
-        work = Path(tmp.name)
     log = lambda m: print(m, flush=True)  # noqa: E731
     results: dict = {}
-    try:
+    with work_folder(args.workdir, "dhf-bench-codecs-") as work:
         demo_rows, demo_setting = demo_part(args, work, log)
         print(f"demo cache: {demo_setting['images']} images, {demo_setting['layers']} layers x "
               f"{demo_setting['timesteps']} steps (tiny model, 64 px); PCK bbox@0.1 of the demo's trained checkpoint "
@@ -257,9 +249,6 @@ def main(argv=None) -> int:
         print(f"recommended {RECOMMENDED}: {where}demo {rec['ratio']:.2f}x smaller, {error}, PCK bbox@0.1 change "
               f"{100 * rec['pck_point_change']:+.1f} points")
         return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

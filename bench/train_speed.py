@@ -44,7 +44,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +52,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see build_overhead.py: re
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import Patches, describe_machine, machine_info, median, peak_rss_mb, write_json  # noqa: E402
+from _common import Patches, describe_machine, machine_info, median, peak_rss_mb, work_folder, write_json  # noqa: E402
 
 TARGET_RATIO = 20.0
 TARGET_LOADER_SHARE = 0.10
@@ -494,14 +493,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     info = machine_info("cpu")
     print(describe_machine(info))
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="dhf-bench-train-")
-        work = Path(tmp.name)
-    try:
+    with work_folder(args.workdir, "dhf-bench-train-") as work:
         t0 = time.perf_counter()
         dataset, request, cache_url, timings = prepare(args, work)
         st = Setting(args, dataset, request, cache_url)
@@ -566,9 +558,6 @@ def main(argv=None) -> int:
         print(f"reference/cache step time = {default['ratio_median_of_pairs']:.1f}x at P={p}, {s}x{s} grid, GroupNorm {g} "
               f"(tiny model, CPU, {torch.get_num_threads()} threads; target >= {TARGET_RATIO:.0f}x)")
         return 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -105,13 +105,12 @@ def reencode(source, url: str, codec: dict, images: list[tuple[int, object]]) ->
     cache = FeatureCache.prepare(url, spec, source.layers, source.timesteps, ids, latent_shape)
     sizes = source.sizes()
     native = sum(v.nbytes for _, im in images for v in im.features.values())
-    to_write = images
     start = time.perf_counter()
-    for j, (index, image) in enumerate(to_write):
+    for j, (index, image) in enumerate(images):
         cache.write_image(j, image, tuple(int(s) for s in sizes[index]))
     write_s = time.perf_counter() - start
     start = time.perf_counter()
-    read_back = [cache.read_features(j) for j in range(len(to_write))]
+    read_back = [cache.read_features(j) for j in range(len(images))]
     read_s = time.perf_counter() - start
     feature_bytes = stored_bytes(cache.group.store, FEATURES)
     parts = [errors(image.features, got) for (_, image), got in zip(images, read_back)]

@@ -10,9 +10,11 @@ all images already stored so nothing is computed), then `score_pairs` and the PC
 
     series P   fixed images, growing pairs (e.g. 250, 1,000, 12,234 = SPair's test size)
     series I   fixed pairs, growing images
-    breakdown  where one run's time goes: descriptor reads, prepare_target (norm map), the
-               source lookup, the s.T matmul, the upsampling of the similarity maps, x inv_norm,
-               the argmax, mapping back, the PCK bookkeeping
+    breakdown  where one run's time goes, with one scoring worker so the pieces add up:
+               descriptor reads, prepare_target (norm map), the source lookup, the s.T matmul,
+               the upsampling of the similarity maps, x inv_norm, the argmax, mapping back, the
+               PCK bookkeeping; then the same pairs with the default workers, and whether the
+               predictions agree
     naive      METHOD.md's per-pair protocol (`match_points_reference`: upsample both maps in
                full, read both descriptors per pair) on a few pairs, projected to 12,234
 
@@ -196,13 +198,13 @@ def _stored_bytes(folder: Path) -> int:
 ALPHAS = (0.05, 0.1, 0.15)  # dhf-cache eval's default
 
 
-def run_library(syn: Synthetic, pairs) -> dict:
+def run_library(syn: Synthetic, pairs, workers: int | None = None) -> dict:
     """One eval-like run: fresh provider (nothing read yet), score_pairs, PCK summary."""
     from dhf_cache.scoring import score_pairs
 
     start = time.perf_counter()
     provider = syn.provider(pairs)
-    acc, preds = score_pairs(pairs, provider, syn.args.load_size, ALPHAS)
+    acc, preds = score_pairs(pairs, provider, syn.args.load_size, ALPHAS, workers=workers)
     summary = acc.summary()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "pairs": len(pairs), "images": len({i for p in pairs for i in (p.src, p.trg)}),
@@ -234,7 +236,8 @@ class _TimedF:
 
 
 def run_breakdown(syn: Synthetic, pairs) -> dict:
-    """The library path with timers around each piece (same code, wrapped in this process only).
+    """The library path with timers around each piece (same code, wrapped in this process only),
+    with one scoring worker so that the pieces add up to the wall time.
 
     `score_pairs` (dhf_cache/scoring.py) per target: prepare_target, then for each pair the
     source rows (`_source_px`, `_lookup`, normalise), then one `_match_rows` over all of the
@@ -278,7 +281,7 @@ def run_breakdown(syn: Synthetic, pairs) -> dict:
         patches.set(torch.Tensor, "mul_", timed_mul_)
         patches.set(PCKAccumulator, "add_record", timers.wrap("PCK bookkeeping (add_record)", PCKAccumulator.add_record))
         patches.set(PCKAccumulator, "summary", timers.wrap("PCK summary", PCKAccumulator.summary))
-        result = run_library(syn, pairs)
+        result = run_library(syn, pairs, workers=1)
     s = timers.seconds
     in_match = ("s.T matmul (K x P x h*w)", "upsample similarity maps to load size", "x inv_norm at load size",
                 "argmax (_peaks)")
@@ -296,17 +299,26 @@ def run_breakdown(syn: Synthetic, pairs) -> dict:
     }
     accounted = sum(pieces.values())
     pieces["other (sorting, LRU, provider setup, Python)"] = result["seconds"] - accounted
+    parallel = run_library(syn, pairs)  # the default workers, uninstrumented
     return {"seconds": result["seconds"], "pairs": len(pairs), "targets": result["targets"],
             "descriptor_reads": result["descriptor_reads"], "pieces": pieces,
-            "calls": {k: timers.calls[k] for k in timers.calls}}
+            "calls": {k: timers.calls[k] for k in timers.calls},
+            "default_workers_seconds": parallel["seconds"],
+            "default_workers_agreement": agreement(result["predictions"], parallel["predictions"])}
 
 
 def print_breakdown(report: dict) -> None:
+    from dhf_cache.scoring import scoring_workers
+
     wall = report["seconds"]
-    print(f"breakdown of one instrumented run ({report['pairs']:,} pairs, {report['targets']} targets, "
-          f"{report['descriptor_reads']} descriptor reads, {wall:.2f} s):")
+    print(f"breakdown of one instrumented run with one scoring worker ({report['pairs']:,} pairs, "
+          f"{report['targets']} targets, {report['descriptor_reads']} descriptor reads, {wall:.2f} s):")
     for key, value in report["pieces"].items():
         print(f"    {key:<50} {value:8.3f} s  {value / wall:6.1%}  {value / report['pairs'] * 1000:7.3f} ms/pair")
+    workers, threads = scoring_workers()
+    print(f"the same pairs uninstrumented with the default {workers} scoring workers x {threads} torch threads: "
+          f"{report['default_workers_seconds']:.2f} s; same prediction as the one-worker run for "
+          f"{report['default_workers_agreement']:.2%} of keypoints")
 
 
 # ------------------------------------------------------------------------------------ naive
@@ -334,6 +346,12 @@ def run_naive(syn: Synthetic, pairs) -> dict:
 
 
 # ------------------------------------------------------------------------------------ main
+def _scoring_workers() -> tuple[int, int]:
+    from dhf_cache.scoring import scoring_workers
+
+    return scoring_workers()
+
+
 def fit_linear(rows: list[dict]) -> dict | None:
     """seconds ~ a * images + b * pairs (least squares over every library run)."""
     if len(rows) < 3:
@@ -358,10 +376,12 @@ def main(argv=None) -> int:
         config = {"images": args.images, "categories": args.categories, "descriptor": [args.dim, args.grid, args.grid],
                   "dtype": "float16", "load_size": args.load_size, "keypoints_per_pair": list(args.kps),
                   "alphas": list(ALPHAS), "lru_capacity": 64, "torch_threads": torch.get_num_threads(),
+                  "scoring_workers": list(_scoring_workers()),
                   "quick": args.quick}
         print(f"config: {args.images} images in {args.categories} categories, descriptors {args.dim}x{args.grid}x{args.grid} "
               f"fp16 ({syn.stored_bytes_per_image / 2**20:.2f} MiB stored per image), load size {args.load_size}, "
-              f"{args.kps[0]}-{args.kps[1]} keypoints per pair; setup {setup_s:.1f} s "
+              f"{args.kps[0]}-{args.kps[1]} keypoints per pair, {config['scoring_workers'][0]} scoring workers x "
+              f"{config['scoring_workers'][1]} torch threads; setup {setup_s:.1f} s "
               f"(descriptor writes {syn.write_seconds:.1f} s)")
         results["setup_seconds"] = setup_s
         results["stored_bytes_per_image"] = syn.stored_bytes_per_image

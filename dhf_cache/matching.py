@@ -110,7 +110,7 @@ def window_soft_argmax(sim: torch.Tensor, radius: int, beta: float = 0.02) -> to
     the hard argmax.
     """
     k, h, w = sim.shape
-    flat = sim.reshape(k, -1).argmax(dim=1)
+    flat = first_argmax(sim)
     py, px = flat // w, flat % w
     off = torch.arange(-radius, radius + 1, device=sim.device)
     ys = py[:, None, None] + off[None, :, None]  # (K, 2r+1, 1)
@@ -126,13 +126,29 @@ def window_soft_argmax(sim: torch.Tensor, radius: int, beta: float = 0.02) -> to
     return torch.stack([x, y], dim=1)
 
 
+def first_argmax(sim: torch.Tensor) -> torch.Tensor:
+    """Flat index of the first maximum of each map (K, H, W) -> (K,), as `reshape(K, -1).argmax(1)`.
+
+    Same answer (first maximum in row-major order, NaN counting as the maximum, as torch's
+    argmax), about 5x cheaper on CPU: torch's argmax reduction is scalar code while `amax` is
+    vectorised, so take the row maxima, the first row holding the overall maximum, then the
+    first maximum within that one row.
+    """
+    k, _, w = sim.shape
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=sim.device)
+    row = sim.amax(dim=2).argmax(dim=1)  # first row whose maximum is the overall maximum
+    within = sim[torch.arange(k, device=sim.device), row].argmax(dim=1)
+    return row * w + within
+
+
 def _peaks(sim: torch.Tensor, refine: WindowSoftArgmax | None, load_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, L, L) similarity -> ((K, 2) float [x, y] load pixels, (K,) similarity at the argmax)."""
     k, _, w = sim.shape
     if k == 0:
         return sim.new_zeros(0, 2), sim.new_zeros(0)
     flat = sim.reshape(k, -1)
-    idx = flat.argmax(dim=1)  # first maximum on exact ties, as Ref
+    idx = first_argmax(sim)  # first maximum on exact ties, as Ref
     score = flat.gather(1, idx[:, None])[:, 0]
     if refine is not None:
         return window_soft_argmax(sim, refine.radius(load_size), refine.beta), score
@@ -180,8 +196,6 @@ class PreparedTarget:
     desc: torch.Tensor  # (P, h, w) float32
     load_size: int
     inv_norm: torch.Tensor  # (load, load): 1 / |upsampled descriptor| at each load pixel
-    rows: tuple[torch.Tensor, torch.Tensor]  # `_axis_weights(h, load)`
-    cols: tuple[torch.Tensor, torch.Tensor]  # `_axis_weights(w, load)`
 
     @property
     def device(self) -> torch.device:
@@ -220,18 +234,28 @@ def _upsampled_norm(desc: torch.Tensor, rows, cols) -> torch.Tensor:
     return norm2.clamp_min(0).sqrt()
 
 
-def _lookup(desc: torch.Tensor, rows, cols, px: torch.Tensor) -> torch.Tensor:
-    """Upsampled descriptors at integer load pixels px (k, 2) [x, y] -> (k, P), from 4 neighbours."""
-    h, w = desc.shape[1:]
-    (ay, wgt_y), (ax, wgt_x) = rows, cols
-    y0, x0 = ay.index_select(0, px[:, 1]), ax.index_select(0, px[:, 0])
+@functools.lru_cache(maxsize=8)
+def _corner_table(h: int, w: int, load_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every load pixel (row-major, load^2 of them): the flat indices of its four neighbouring
+    descriptors on the h x w grid (load^2, 4) and their bilinear weights (load^2, 4), from
+    `_axis_weights`. Built once per grid size, so a lookup is a handful of tensor ops."""
+    (ay, wgt_y), (ax, wgt_x) = _axis_weights(h, load_size, device), _axis_weights(w, load_size, device)
+    y0, x0 = ay[:, None], ax[None, :]
     y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
-    wy, wx = wgt_y.index_select(0, px[:, 1]), wgt_x.index_select(0, px[:, 0])
-    flat_idx = torch.cat([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1])
-    weights = torch.cat([wy[:, 0] * wx[:, 0], wy[:, 0] * wx[:, 1], wy[:, 1] * wx[:, 0], wy[:, 1] * wx[:, 1]])
+    idx = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=-1)
+    wy0, wy1, wx0, wx1 = wgt_y[:, 0, None], wgt_y[:, 1, None], wgt_x[None, :, 0], wgt_x[None, :, 1]
+    weights = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], dim=-1)
+    return idx.reshape(-1, 4), weights.reshape(-1, 4)
+
+
+def _lookup(desc: torch.Tensor, load_size: int, px: torch.Tensor) -> torch.Tensor:
+    """Upsampled descriptors at integer load pixels px (k, 2) [x, y] -> (k, P), from 4 neighbours."""
+    p, h, w = desc.shape
+    idx, weights = _corner_table(h, w, load_size, str(desc.device))
+    pix = px[:, 1] * load_size + px[:, 0]
     # index_select, not advanced indexing: the latter is ~100x slower on CPU here
-    corners = desc.reshape(desc.shape[0], h * w).index_select(1, flat_idx) * weights
-    return corners.reshape(desc.shape[0], 4, -1).sum(1).T
+    corners = desc.reshape(p, h * w).index_select(1, idx.index_select(0, pix).reshape(-1)).reshape(p, -1, 4)
+    return (corners * weights.index_select(0, pix)).sum(-1).T
 
 
 def prepare_target(desc, load_size: int) -> PreparedTarget:
@@ -242,7 +266,7 @@ def prepare_target(desc, load_size: int) -> PreparedTarget:
     rows = _axis_weights(t.shape[1], int(load_size), str(t.device))
     cols = _axis_weights(t.shape[2], int(load_size), str(t.device))
     inv_norm = 1.0 / _upsampled_norm(t, rows, cols).clamp_min(EPS)
-    return PreparedTarget(desc=t, load_size=int(load_size), inv_norm=inv_norm, rows=rows, cols=cols)
+    return PreparedTarget(desc=t, load_size=int(load_size), inv_norm=inv_norm)
 
 
 # --------------------------------------------------------------------------- matching
@@ -291,16 +315,13 @@ def match_load_points(src: PreparedTarget | torch.Tensor, trg: PreparedTarget, p
     if isinstance(src, PreparedTarget):
         if src.load_size != load:
             raise ValueError(f"source prepared for load size {src.load_size}, target for {load}")
-        s_map, rows, cols = src.desc.to(trg.device), src.rows, src.cols
+        s_map = src.desc.to(trg.device)
     else:
         s_map = _as_map(src).to(trg.device)
-        rows = _axis_weights(s_map.shape[1], load, str(s_map.device))
-        cols = _axis_weights(s_map.shape[2], load, str(s_map.device))
     if s_map.shape[0] != trg.desc.shape[0]:
         raise ValueError(f"descriptor channels differ: source {s_map.shape[0]}, target {trg.desc.shape[0]}")
     pxt = torch.as_tensor(np.asarray(px), dtype=torch.long, device=trg.device).reshape(-1, 2)
-    rows, cols = tuple(r.to(trg.device) for r in rows), tuple(c.to(trg.device) for c in cols)
-    s = _lookup(s_map, rows, cols, pxt)
+    s = _lookup(s_map, load, pxt)
     s = s / s.norm(dim=1, keepdim=True).clamp_min(EPS)
     p, h, w = trg.desc.shape
     dots = (s @ trg.desc.reshape(p, h * w)).reshape(-1, 1, h, w)

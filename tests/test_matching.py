@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dhf_cache.errors import UsageError
 from dhf_cache.matching import (
     WindowSoftArgmax,
+    first_argmax,
     from_load,
     match_load_points,
     match_points,
@@ -112,6 +113,19 @@ def test_nan_and_empty_keypoints():
         out = matcher(src, trg, kps, (50, 50), (80, 60), 24)
         assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
         assert matcher(src, trg, np.zeros((0, 2)), (50, 50), (80, 60), 24).shape == (0, 2)
+
+
+def test_first_argmax_equals_flat_argmax_with_ties_and_nan():
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.randint(0, 4, (64, 9, 7), generator=gen).float()  # many exact ties per map
+    sim[3] = 0.0
+    sim[5, 2, 1] = sim[5, 6, 0] = 9.0  # the earlier row wins, though its column is later
+    sim[7, 4, 2], sim[7, 8, 6] = float("nan"), float("nan")  # NaN counts as the maximum, first one
+    sim[9] = -float("inf")
+    want = sim.reshape(64, -1).argmax(dim=1)
+    torch.testing.assert_close(first_argmax(sim), want, rtol=0, atol=0)
+    assert first_argmax(sim)[[3, 5, 7, 9]].tolist() == [0, 2 * 7 + 1, 4 * 7 + 2, 0]
+    assert first_argmax(sim[:0]).shape == (0,)
 
 
 def test_window_soft_argmax_finds_subpixel_peak():

@@ -7,7 +7,7 @@ import torch
 
 from dhf_cache.datasets import PairRecord
 from dhf_cache.matching import WindowSoftArgmax, match_points
-from dhf_cache.scoring import CHUNK_KEYPOINTS, score_pairs
+from dhf_cache.scoring import keypoints_per_chunk, score_pairs
 
 
 def _pairs(rng, ids, n_pairs, n_kps):
@@ -26,7 +26,7 @@ def test_batched_scoring_equals_per_pair_matching():
     rng = np.random.default_rng(0)
     maps = {f"im{i}": torch.from_numpy(rng.standard_normal((16, 12, 10)).astype(np.float32)).relu() for i in range(5)}
     # more keypoints per target than one chunk, so chunk boundaries are crossed
-    pairs = _pairs(rng, list(maps), 12, CHUNK_KEYPOINTS // 3)
+    pairs = _pairs(rng, list(maps), 12, keypoints_per_chunk(56) // 2 + 1)
     for refine in (None, WindowSoftArgmax()):
         _, got = score_pairs(pairs, maps.__getitem__, 56, refine=refine)
         for pair, pred in zip(pairs, got):
@@ -34,3 +34,24 @@ def test_batched_scoring_equals_per_pair_matching():
             np.testing.assert_allclose(pred, want, rtol=0, atol=1e-4)
             assert np.isnan(pred[0]).all()
     # match_points against METHOD.md's plain protocol (up to float near-ties): tests/test_matching.py
+
+
+def test_scoring_does_not_depend_on_workers():
+    rng = np.random.default_rng(1)
+    maps = {f"im{i}": torch.from_numpy(rng.standard_normal((32, 16, 16)).astype(np.float32)).relu() for i in range(6)}
+    pairs = _pairs(rng, list(maps), 30, 9)
+    calls = []
+
+    def provider(image_id):
+        calls.append(image_id)
+        return maps[image_id]
+
+    serial_acc, serial = score_pairs(pairs, provider, 64, alphas=(0.1,), workers=1)
+    threads_before = torch.get_num_threads()
+    parallel_acc, parallel = score_pairs(pairs, provider, 64, alphas=(0.1,), workers=3)
+    assert torch.get_num_threads() == threads_before
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+    assert serial_acc.summary() == parallel_acc.summary()
+    # one call per target and one per pair's source, in both runs
+    assert len(calls) == 2 * (len({p.trg for p in pairs}) + len(pairs))

@@ -18,7 +18,8 @@ Then:
 - loader share: `run_train` itself, in a child process (so its peak RSS is the training
   process's own), for N steps at the default size: `Prefetcher.wait_seconds / loop seconds`, and
   the step time with the real loader against the same run with every image's features preloaded
-  in memory (`FeatureReader` swapped for a dict), interleaved;
+  in memory (`FeatureReader` swapped for a dict), and with the real loader reading every chunk
+  through zarr (`DHF_CACHE_DIRECT_READS=0`, what it did before direct_reads.py), interleaved;
 - a projection to SD 1.5: one SD 1.5-config UNet call (random weights, 64x64 latent, batch 2),
   one network step at the paper's size on SD 1.5's layer table (random fp16 features of the
   right shapes, 11 timesteps), and the read of two SD 1.5-sized images (2 x 157 MB) from a Zarr
@@ -84,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--default-size", default=DEFAULT_SIZE, help=f"size of the last line and the loader run (default {DEFAULT_SIZE})")
     p.add_argument("--repeats", type=int, help="interleaved A/B repetitions per size (default 3; paper size: 1)")
     p.add_argument("--loader-steps", type=int, help="run_train steps per loader-share run (default 24, --quick 16)")
-    p.add_argument("--loader-repeats", type=int, default=2, help="real/preloaded run_train runs each, ABBA (default 2)")
+    p.add_argument("--loader-repeats", type=int, default=2,
+                   help="real/preloaded/zarr-reads run_train runs each, ABC CBA (default 2)")
     p.add_argument("--no-sd15", action="store_true", help="skip the SD 1.5 projection (~2 min, ~10 GB of memory)")
     p.add_argument("--views", type=int, default=2, help="training views per sample photo (default 2: 10 images, 10 pairs)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
@@ -269,8 +271,13 @@ def measure_size(st: Setting, name: str, size: tuple[int, int, int], repeats: in
 
 
 # ------------------------------------------------------------------------------------ loader share (child)
+VARIANTS = ["real", "preloaded", "zarr reads"]
+
+
 def loader_share_child(spec_path: str) -> int:
-    """Runs in a fresh process: run_train with the real loader and with preloaded features, ABBA."""
+    """Runs in a fresh process: run_train with the real loader, with preloaded features and with
+    zarr-only reads, interleaved (ABC CBA ...)."""
+    import dhf_cache.cache as cache_mod
     import dhf_cache.pipelines.train as train_mod
     from dhf_cache.config import TrainOptions
     from dhf_cache.feature_loader import FeatureReader, Prefetcher
@@ -310,7 +317,7 @@ def loader_share_child(spec_path: str) -> int:
     runs = []
     order = []
     for rep in range(spec["repeats"]):
-        order += ["real", "preloaded"] if rep % 2 == 0 else ["preloaded", "real"]
+        order += VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
     for k, variant in enumerate(order):
         if variant == "preloaded" and not preloaded:  # fill the memory copy outside any timed run
             reader = PreloadedReader(*_reader_args(spec["cache"]))
@@ -325,6 +332,8 @@ def loader_share_child(spec_path: str) -> int:
             patches.set(train_mod, "_train_step", timed_step)
             if variant == "preloaded":
                 patches.set(train_mod, "FeatureReader", PreloadedReader)
+            if variant == "zarr reads":
+                patches.set(cache_mod, "DIRECT_READS", False)
             result = train_mod.run_train(request, log=quiet)
         start, end = loops[-1]
         loop_s = end - start
@@ -358,7 +367,9 @@ def measure_loader(args, work: Path, cache_url: str, dataset_spec: str) -> dict:
     runs = json.loads(Path(spec["out"]).read_text())
     real = [r for r in runs if r["variant"] == "real"]
     pre = [r for r in runs if r["variant"] == "preloaded"]
+    via_zarr = [r for r in runs if r["variant"] == "zarr reads"]
     real_step, pre_step = median([r["per_step"] for r in real]), median([r["per_step"] for r in pre])
+    zarr_step = median([r["per_step"] for r in via_zarr])
     return {
         "size": name, "steps_per_run": args.loader_steps, "runs": runs, "child_wall_seconds": wall,
         "wait_share_real": median([r["wait_share"] for r in real]),
@@ -366,6 +377,8 @@ def measure_loader(args, work: Path, cache_url: str, dataset_spec: str) -> dict:
         "wait_share_preloaded": median([r["wait_share"] for r in pre]),
         "step_seconds_real": real_step, "step_seconds_preloaded": pre_step,
         "real_over_preloaded": real_step / pre_step,
+        "step_seconds_zarr_reads": zarr_step, "zarr_reads_over_preloaded": zarr_step / pre_step,
+        "wait_share_zarr_reads": median([r["wait_share"] for r in via_zarr]),
         "peak_rss_mb": real[0]["peak_rss_mb"],  # the first real run: before anything was preloaded
     }
 
@@ -530,16 +543,19 @@ def main(argv=None) -> int:
         gc.collect()
 
         print(f"loader share: run_train itself in a child process, {args.default_size[0]}, {args.loader_steps} steps a run, "
-              f"real loader vs features preloaded in memory, {args.loader_repeats} of each (ABBA)", flush=True)
+              f"real loader vs features preloaded in memory vs the loader reading through zarr only, "
+              f"{args.loader_repeats} of each (ABC CBA)", flush=True)
         loader = measure_loader(args, work, cache_url, dataset.spec)
         for r in loader["runs"]:
-            print(f"    {r['variant']:<9} {r['per_step']:.3f} s/step (loop {r['loop_seconds']:.2f} s, of which "
+            print(f"    {r['variant']:<10} {r['per_step']:.3f} s/step (loop {r['loop_seconds']:.2f} s, of which "
                   f"_train_step {r['train_step_seconds']:.2f} s, waiting on the loader {r['wait_seconds']:.3f} s = "
                   f"{r['wait_share']:.1%})")
         print(f"  loader wait / loop time (real loader): {loader['wait_share_real']:.1%} median, "
               f"{loader['wait_share_real_max']:.1%} max (target <= {TARGET_LOADER_SHARE:.0%})")
         print(f"  step time real loader / preloaded: {loader['real_over_preloaded']:.3f} "
-              f"({loader['step_seconds_real']:.3f} vs {loader['step_seconds_preloaded']:.3f} s; target <= 1.10)")
+              f"({loader['step_seconds_real']:.3f} vs {loader['step_seconds_preloaded']:.3f} s; target <= 1.10); "
+              f"reading through zarr only: {loader['zarr_reads_over_preloaded']:.3f} "
+              f"(loader wait {loader['wait_share_zarr_reads']:.1%})")
         print(f"  peak RSS of the cache-training process (run_train's own figure): {loader['peak_rss_mb']:.0f} MiB")
         results["loader"] = loader
 

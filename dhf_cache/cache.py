@@ -18,6 +18,7 @@ write the chunks of their own images (`write_image`, `record_failure`).
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import numpy as np
 
 from dhf_cache import __version__
 from dhf_cache.config import FORMAT_VERSION, BuildSpec
+from dhf_cache.direct_reads import DirectArray, direct_array, read_chunk
 from dhf_cache.errors import CacheError, SpecMismatchError, UsageError
 from dhf_cache.layers import LayerInfo
 from dhf_cache import quant8  # noqa: F401  (registers the quant8 codec, so quant8 caches open)
@@ -44,6 +46,9 @@ GENERATED = "generated"
 PER_IMAGE_ARRAYS = ("latents", "done", "sizes", "errors")
 GENERATED_ARRAYS = ("images", "prompts", "seeds")
 IDS_CHUNK = 4096
+# Feature reads of local default-codec caches bypass zarr's read path (direct_reads.py); set
+# DHF_CACHE_DIRECT_READS=0 to read every chunk through zarr (benchmarks compare the two).
+DIRECT_READS = os.environ.get("DHF_CACHE_DIRECT_READS", "1") != "0"
 
 
 def _compressors(spec: BuildSpec):
@@ -112,6 +117,7 @@ class FeatureCache:
         self.timesteps: list[int] = list(meta["timesteps"])
         self._ids: list[str] | None = None
         self._arrays: dict[str, Any] = {}
+        self._direct: dict[str, DirectArray | None] = {}
 
     # ---------------------------------------------------------------- opening and creating
     @classmethod
@@ -317,10 +323,24 @@ class FeatureCache:
         loop: one round trip per image instead of one per layer (latency on object stores,
         per-call overhead on small chunks)."""
         names = list(layers or [l.name for l in self.layers])
-        chunks = _run_concurrently([self.feature_array(name).async_array.getitem(index) for name in names])
+        found = {}
+        for name in names:  # local default-codec chunks straight from their files (direct_reads.py)
+            target = self._direct_array(name)
+            chunk = read_chunk(target, index) if target is not None else None
+            if chunk is not None:
+                found[name] = chunk
+        rest = [name for name in names if name not in found]
+        if rest:
+            found.update(zip(rest, _run_concurrently([self.feature_array(n).async_array.getitem(index) for n in rest])))
+        chunks = [found[name] for name in names]
         if positions is not None:
             chunks = [np.ascontiguousarray(c[list(positions)]) for c in chunks]
         return dict(zip(names, chunks))
+
+    def _direct_array(self, layer: str) -> DirectArray | None:
+        if layer not in self._direct:
+            self._direct[layer] = direct_array(self.feature_array(layer)) if DIRECT_READS else None
+        return self._direct[layer]
 
     def read_latent(self, index: int) -> np.ndarray:
         return self._array("latents")[index]

@@ -89,14 +89,21 @@ def parse_scheduler(text: str) -> tuple[str, int | None]:
 def start_client(scheduler: str, threads_per_worker: int = 1):
     """A dask Client: a fresh LocalCluster for `local:N` (one torch thread per worker unless
     told otherwise), else a connection to a running scheduler."""
+    import dask
     from dask.distributed import Client, LocalCluster
 
     address, n_workers = parse_scheduler(scheduler)
     if address == "local":
-        env = {"OMP_NUM_THREADS": str(threads_per_worker), "MKL_NUM_THREADS": str(threads_per_worker),
+        threads = str(threads_per_worker)
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
                "OMP_WAIT_POLICY": "PASSIVE"}
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, env=env)
+        # dask's nanny writes its pre-spawn variables (OMP_NUM_THREADS=1, ...) into *this*
+        # process's os.environ at every worker (re)spawn, so everything the caller starts later
+        # would run on one thread (the test suite's later CLI runs took 1.7x as long). The
+        # workers get the same variables through `env` instead.
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, env=env)
         return Client(cluster), cluster
     try:
         return Client(address, timeout="30s"), None

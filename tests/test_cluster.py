@@ -72,17 +72,15 @@ def test_two_concurrent_shards_equal_a_serial_build(tmp_path, serial, mini_spair
 
 
 def test_a_worker_killed_mid_build_does_not_lose_or_double_images(tmp_path, serial, mini_spair, tiny_model_dir):
-    from dask.distributed import Client, LocalCluster
-
     from dhf_cache.config import BuildOptions, Preprocessing
     from dhf_cache.datasets import open_dataset
     from dhf_cache.pipelines.build import BuildRequest
-    from dhf_cache.pipelines.distributed import run_distributed_build
+    from dhf_cache.pipelines.distributed import run_distributed_build, start_client
 
     cache = tmp_path / "killed.zarr"
-    env = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=env) as cluster, \
-            Client(cluster) as client:
+    environ_before = dict(os.environ)
+    client, cluster = start_client("local:2")
+    with cluster, client:
         pids = list(client.run(os.getpid).values())
         request = BuildRequest(dataset=open_dataset(f"spair:{mini_spair}"), cache_url=str(cache), model=str(tiny_model_dir),
                                steps=10, save_steps=(9, 5, 0), preprocessing=Preprocessing(load_size=64, image_size=64))
@@ -96,6 +94,12 @@ def test_a_worker_killed_mid_build_does_not_lose_or_double_images(tmp_path, seri
         worker.join(timeout=600)
         result = outcome["result"]
         assert pids[0] not in client.run(os.getpid).values()  # the worker really died (and was replaced)
+        worker_threads = set(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values())
+    assert worker_threads == {"1"}  # the workers' own environment
+    # dask's nanny would write OMP_NUM_THREADS=1 etc. into this process at each (re)spawn, and
+    # every later subprocess of the caller would run on one thread
+    threads_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+    assert {k: os.environ.get(k) for k in threads_vars} == {k: environ_before.get(k) for k in threads_vars}
     assert result.n_images == 8 and result.n_built == 8 and not result.failures  # each image counted once
     c = FeatureCache.open(str(cache))
     assert c.done_mask().all() and len(c.image_ids) == 8

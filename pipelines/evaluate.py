@@ -111,7 +111,8 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     descriptor_counts = None
     checkpoint_fp = None
     checkpoint_source = None
-    bar = progress_bar(len(pairs), "match", unit="pair", enabled=request.progress)
+    # the raw sweep has its own bar (per map); a per-pair bar beside it would sit at 0
+    bar = progress_bar(len(pairs), "match", unit="pair", enabled=request.progress and request.raw != "best")
     if request.checkpoint is not None:
         ckpt = load_checkpoint(request.checkpoint, resolve_device(request.device))
         notes += _check_checkpoint(ckpt, cache, request.checkpoint)

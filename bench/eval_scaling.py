@@ -308,14 +308,12 @@ def run_breakdown(syn: Synthetic, pairs) -> dict:
 
 
 def print_breakdown(report: dict) -> None:
-    from dhf_cache.scoring import scoring_workers
-
     wall = report["seconds"]
     print(f"breakdown of one instrumented run with one scoring worker ({report['pairs']:,} pairs, "
           f"{report['targets']} targets, {report['descriptor_reads']} descriptor reads, {wall:.2f} s):")
     for key, value in report["pieces"].items():
         print(f"    {key:<50} {value:8.3f} s  {value / wall:6.1%}  {value / report['pairs'] * 1000:7.3f} ms/pair")
-    workers, threads = scoring_workers()
+    workers, threads = _scoring_workers()
     print(f"the same pairs uninstrumented with the default {workers} scoring workers x {threads} torch threads: "
           f"{report['default_workers_seconds']:.2f} s; same prediction as the one-worker run for "
           f"{report['default_workers_agreement']:.2%} of keypoints")

@@ -102,15 +102,16 @@ def parse_refine(name: str | None) -> WindowSoftArgmax | None:
     raise UsageError(f"--refine {name!r}: unknown; use one of {', '.join(REFINE_CHOICES)}")
 
 
-def window_soft_argmax(sim: torch.Tensor, radius: int, beta: float = 0.02) -> torch.Tensor:
+def window_soft_argmax(sim: torch.Tensor, radius: int, beta: float = 0.02,
+                       peak: torch.Tensor | None = None) -> torch.Tensor:
     """Sub-pixel peaks of K similarity maps (K, H, W) -> (K, 2) float [x, y] in pixel indices.
 
-    Hard argmax (first maximum), then the softmax(sim / beta)-weighted mean position over the
-    pixels within `radius` of it (Chebyshev distance, truncated at the border). radius 0 gives
-    the hard argmax.
+    Hard argmax (first maximum; `peak` when the caller has it already), then the
+    softmax(sim / beta)-weighted mean position over the pixels within `radius` of it (Chebyshev
+    distance, truncated at the border). radius 0 gives the hard argmax.
     """
     k, h, w = sim.shape
-    flat = first_argmax(sim)
+    flat = first_argmax(sim) if peak is None else peak
     py, px = flat // w, flat % w
     off = torch.arange(-radius, radius + 1, device=sim.device)
     ys = py[:, None, None] + off[None, :, None]  # (K, 2r+1, 1)
@@ -151,7 +152,7 @@ def _peaks(sim: torch.Tensor, refine: WindowSoftArgmax | None, load_size: int) -
     idx = first_argmax(sim)  # first maximum on exact ties, as Ref
     score = flat.gather(1, idx[:, None])[:, 0]
     if refine is not None:
-        return window_soft_argmax(sim, refine.radius(load_size), refine.beta), score
+        return window_soft_argmax(sim, refine.radius(load_size), refine.beta, peak=idx), score
     return torch.stack([idx % w, idx // w], dim=1).to(sim.dtype), score
 
 

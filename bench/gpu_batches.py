@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="inversion steps (default 50, METHOD.md)")
     p.add_argument("--images", type=int, help="images per run (default max(8, 2 x batch size))")
     p.add_argument("--repeats", type=int, default=1, help="measured A/B repetitions per batch size (default 1)")
+    p.add_argument("--budget-seconds", type=float, default=float(os.environ.get("DHF_BENCH_GPU_BUDGET", 0)) or None,
+                   help="start no further batch size once the time spent plus an estimate of the next one (the "
+                        "last one's wall time, scaled by images) would pass this: for a lent device's command "
+                        "limit (default: $DHF_BENCH_GPU_BUDGET, else no limit)")
     p.add_argument("--json", dest="json_out", help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
@@ -59,8 +64,20 @@ def device_name(device: str) -> str:
     return "CPU"
 
 
+def images_for(args, batch: int) -> int:
+    return args.images or max(8, 2 * batch)
+
+
+def estimate(last: dict, images: int, largest: bool) -> float:
+    """Seconds the next batch size will take: the last one's setup, plus its measured runs scaled by
+    images (conservative: larger batches are faster per image), x 1.5 with the breakdown runs."""
+    fixed = last.get("setup_seconds", 0.0)
+    runs = max(0.0, last["wall_seconds"] - fixed) * images / last["images"]
+    return fixed + runs * (1.5 if largest and not last.get("breakdown") else 1.0)
+
+
 def run_batch(args, batch: int, largest: bool, folder: Path) -> dict:
-    images = args.images or max(8, 2 * batch)
+    images = images_for(args, batch)
     out = folder / f"batch{batch}.json"
     command = [sys.executable, str(HERE / "build_overhead.py"), "--model", args.model, "--device", args.device,
                "--dtype", args.dtype, "--image-size", str(args.image_size), "--steps", str(args.steps),
@@ -88,10 +105,17 @@ def main(argv=None) -> int:
     print(describe_machine(machine_info(args.device)))
     print(f"device: {card}; {args.model}-config UNet and VAE (random weights), {args.dtype}, {args.image_size} px, "
           f"{args.steps} UNet calls per batch, METHOD.md's saved steps")
-    rows = []
+    rows, skipped = [], []
+    start, last = time.perf_counter(), None
     with tempfile.TemporaryDirectory(prefix="dhf-bench-gpu-") as tmp:
         for batch in args.batch_sizes:
-            figures = run_batch(args, batch, batch == max(args.batch_sizes), Path(tmp))
+            spent = time.perf_counter() - start
+            largest = batch == max(args.batch_sizes)
+            if last and args.budget_seconds and spent + estimate(last, images_for(args, batch), largest) > args.budget_seconds:
+                skipped.append(batch)
+                continue
+            last = run_batch(args, batch, largest, Path(tmp))
+            figures = last
             r = figures["results"]
             rows.append({"batch": batch, "images": figures["images"],
                          "build_images_per_second": r["build_images_per_second"],
@@ -105,9 +129,11 @@ def main(argv=None) -> int:
         rss = f"{row['peak_rss_mb']:.0f}" if row["peak_rss_mb"] is not None else "-"
         print(f"{row['batch']:>5} {row['images']:>6} {row['build_images_per_second']:>11.2f} "
               f"{row['bare_images_per_second']:>10.2f} {row['build_over_bare']:>10.3f} {gpu:>12} {rss:>12}")
+    if skipped:
+        print(f"not run (--budget-seconds {args.budget_seconds:.0f}): batch size(s) {', '.join(map(str, skipped))}")
     if args.json_out:
         write_json(args.json_out, {"machine": machine_info(args.device), "device": card, "rows": rows,
-                                   "config": vars(args)})
+                                   "skipped_batch_sizes": skipped, "config": vars(args)})
     best = max(rows, key=lambda row: row["build_images_per_second"])
     two = next((row for row in rows if row["batch"] == 2 and row["peak_gpu_mb"] is not None), None)
     memory = (f"peak GPU memory at batch 2 {two['peak_gpu_mb'] / 1024:.1f} GiB vs the reference's "

@@ -86,17 +86,29 @@ def section(name: str, result: dict) -> str:
     title, _, _, target = BENCHMARKS[name]
     status = "" if result["rc"] == 0 else f"\n**Failed with exit code {result['rc']}.**\n"
     body = "\n".join(result["output"])
-    return (f"{BEGIN.format(name)}\n### {title}\n\n`{result['command']}` ({result['seconds'] / 60:.1f} min; "
-            f"target: {target}){status}\n\n```\n{body}\n```\n{END.format(name)}")
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{BEGIN.format(name)}\n### {title}\n\n`{result['command']}` ({result['seconds'] / 60:.1f} min, "
+            f"finished {when}; target: {target}){status}\n\n```\n{body}\n```\n{END.format(name)}")
+
+
+def where_and_when(text: str) -> str:
+    """'date, machine' of a section: the date from its header, the CPU (or the GPU, for the gpu
+    benchmark) from its output, so a partial rerun on another machine is attributed right."""
+    when = re.search(r"finished (\d{4}-\d\d-\d\d)", text)
+    card = re.search(r"^device: ([^;,]+)", text, re.M)
+    cpu = re.search(r"^machine: ([^,]+)", text, re.M)
+    where = card.group(1) if card and card.group(1) != "CPU" else (cpu.group(1) if cpu else "?")
+    return f"{when.group(1) if when else 'earlier'}, {where}"
 
 
 def summary_rows(sections: dict[str, str]) -> list[str]:
-    rows = ["| benchmark | target | result (the benchmark's last line) |", "|---|---|---|"]
+    rows = ["| benchmark | target | result (the benchmark's last line) | run |", "|---|---|---|---|"]
     for name, (title, _, _, target) in BENCHMARKS.items():
         text = sections.get(name, "")
         found = re.search(r"```\n(.*?)\n```", text, re.S)
         last = found.group(1).splitlines()[-1] if found else "not run yet"
-        rows.append(f"| {name} | {target} | {last.replace('|', '/')} |")
+        run = where_and_when(text) if found else "-"
+        rows.append(f"| {name} | {target} | {last.replace('|', '/')} | {run} |")
     return rows
 
 
@@ -125,8 +137,8 @@ def write_doc(sections: dict[str, str], quick: bool) -> None:
     summary = "\n".join([
         "<!-- bench:summary begin -->",
         f"Last written by `make bench` ({'--quick, not representative' if quick else 'python bench/run_all.py'}) "
-        f"on {when}.  ",
-        f"Machine: {machine_line()}",
+        f"on {when} on {machine_line().removeprefix('machine: ')}.  ",
+        "Each row says when and where its figures were measured (`--only` reruns a subset, perhaps elsewhere).",
         "",
         *summary_rows(sections),
         "<!-- bench:summary end -->",

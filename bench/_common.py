@@ -76,11 +76,18 @@ def synchronize(device) -> None:
 
 
 class Timers:
-    """Named wall-clock accumulators, safe to add to from several threads."""
+    """Named wall-clock accumulators, safe to add to from several threads.
+
+    `seconds` sums every call's duration (thread-seconds when calls overlap); `busy` is the wall
+    time during which at least one call of the name (or of its `group`) was running, which is
+    what a fraction of wall time means when a thread pool runs the calls concurrently."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.busy: dict[str, float] = defaultdict(float)
+        self._running: dict[str, int] = defaultdict(int)
+        self._since: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def add(self, name: str, seconds: float) -> None:
@@ -88,21 +95,41 @@ class Timers:
             self.seconds[name] += seconds
             self.calls[name] += 1
 
+    def _enter(self, keys: tuple[str, ...]) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            for key in keys:
+                if self._running[key] == 0:
+                    self._since[key] = now
+                self._running[key] += 1
+
+    def _leave(self, keys: tuple[str, ...]) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            for key in keys:
+                self._running[key] -= 1
+                if self._running[key] == 0:
+                    self.busy[key] += now - self._since.pop(key)
+
     @contextmanager
-    def time(self, name: str, sync: Callable[[], None] | None = None):
+    def time(self, name: str, sync: Callable[[], None] | None = None, group: str | None = None):
+        keys = (name,) if group is None else (name, group)
         if sync:
             sync()
         start = time.perf_counter()
+        self._enter(keys)
         try:
             yield
         finally:
             if sync:
                 sync()
+            self._leave(keys)
             self.add(name, time.perf_counter() - start)
 
-    def wrap(self, name: str, fn: Callable, sync: Callable[[], None] | None = None) -> Callable:
+    def wrap(self, name: str, fn: Callable, sync: Callable[[], None] | None = None,
+             group: str | None = None) -> Callable:
         def timed(*args, **kwargs):
-            with self.time(name, sync):
+            with self.time(name, sync, group):
                 return fn(*args, **kwargs)
 
         timed.__wrapped__ = fn

@@ -105,7 +105,7 @@ def build(
     zstd_level: Annotated[int, typer.Option(min=1, max=22, help="zstd compression level of stored chunks.")] = 3,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Build only the first N images (by id).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="I/N: build the I-th (0-based) of N disjoint shards, e.g. a SLURM array's $SLURM_ARRAY_TASK_ID/N.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="Build on dask.distributed: a scheduler address (tcp://host:8786) or local:N for N local worker processes.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Build on dask.distributed: a scheduler address (tcp://host:8786) or local:N for N local worker processes (on a multi-GPU machine with --device cuda or auto: one GPU each, round robin).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads per process (CPU results depend on it at the last bit; clusters default to 1).")] = None,
     prepare_only: Annotated[bool, typer.Option(help="Create or check the cache and exit (run once before shards on object stores).")] = False,
     max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).")] = 89_478_485,

@@ -39,11 +39,12 @@ def _worker_extractor(job: dict):
     import torch
 
     from dhf_cache.backbone import DTYPES, load_backbone
-    from dhf_cache.device import resolve_device
+    from dhf_cache.device import resolve_device, spread_device
     from dhf_cache.errors import SpecMismatchError
     from dhf_cache.extract import FeatureExtractor
 
-    key = (job["model"], job["spec_fingerprint"], job["device"])
+    device_name = spread_device(job["device"], _local_worker_index() if job.get("spread_gpus") else None)
+    key = (job["model"], job["spec_fingerprint"], device_name)
     if key not in _WORKER_EXTRACTORS:
         if job.get("threads"):
             torch.set_num_threads(job["threads"])
@@ -55,10 +56,23 @@ def _worker_extractor(job: dict):
                 f"worker {os.uname().nodename}: --model {job['model']} loads weights that differ from the cache's "
                 "model; give every worker the same model", ["feature_space.model"],
             )
-        device = resolve_device(job["device"])
+        device = resolve_device(device_name)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # stray default-device work (and the context) on this GPU, not GPU 0
         backbone.to(device)
         _WORKER_EXTRACTORS[key] = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, dtype)
     return _WORKER_EXTRACTORS[key]
+
+
+def _local_worker_index() -> int | None:
+    """This worker's number in a LocalCluster (named 0..N-1 there), else None."""
+    from dask.distributed import get_worker
+
+    try:
+        name = get_worker().name
+    except ValueError:  # not inside a worker
+        return None
+    return name if isinstance(name, int) else None
 
 
 def build_group_task(job: dict, records: list[ImageRecord], plan: BuildPlan) -> dict:
@@ -67,10 +81,11 @@ def build_group_task(job: dict, records: list[ImageRecord], plan: BuildPlan) -> 
 
     extractor = _worker_extractor(job)
     cache = FeatureCache.open(job["url"], job["storage_options"], mode="r+")
-    options = BuildOptions(batch_size=job["batch_size"], device=job["device"], max_pixels=job["max_pixels"],
+    options = BuildOptions(batch_size=job["batch_size"], device=str(extractor.device), max_pixels=job["max_pixels"],
                            progress=False)
     result = build_images(extractor, cache, records, options, log=lambda _: None, plan=plan)
-    return {"built": result.n_built, "failures": result.failures, "pid": os.getpid()}
+    return {"built": result.n_built, "failures": result.failures, "pid": os.getpid(),
+            "device": str(extractor.device)}
 
 
 def parse_scheduler(text: str) -> tuple[str, int | None]:
@@ -120,8 +135,9 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
     records = request_records(request)
     if options.limit:
         records = records[: options.limit]
+    local = parse_scheduler(scheduler)[0] == "local"
     if request.dtype == "auto":  # the workers' device decides, not the coordinator's
-        request = dataclasses.replace(request, dtype="float16" if options.device.startswith("cuda") else "float32")
+        request = dataclasses.replace(request, dtype=_worker_dtype(options.device, local))
     extractor, cache = open_build(request, [r.id for r in records], "cpu", log)
     plan = plan_build(cache, records)
     groups = [g for g in _batch_groups(records, plan.index, options.batch_size) if any(r.id in plan.todo for r in g)]
@@ -133,6 +149,7 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
         "model": request.model, "spec": cache.meta["spec"], "spec_fingerprint": cache.fingerprint["spec"],
         "url": request.cache_url, "storage_options": request.storage_options, "device": options.device,
         "batch_size": options.batch_size, "max_pixels": options.max_pixels, "threads": options.threads or 1,
+        "spread_gpus": local,  # our own LocalCluster: one GPU per worker on a multi-GPU machine
     }
     own = client is None
     cluster = None
@@ -140,6 +157,7 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
         client, cluster = start_client(scheduler, options.threads or 1)
     failures: list[tuple[str, str]] = []
     n_built = 0
+    devices: dict[str, set[int]] = {}  # device -> worker processes that built on it
     bar = progress_bar(len(plan.todo), "build (cluster)", unit="img", enabled=options.progress)
     try:
         futures = {
@@ -150,6 +168,7 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
         for future in as_completed(futures):
             outcome = future.result()
             n_built += outcome["built"]
+            devices.setdefault(outcome.get("device", "?"), set()).add(outcome["pid"])
             failures += [tuple(f) for f in outcome["failures"]]
             bar.update(sum(1 for r in futures[future] if r.id in plan.todo))
             bar.set_postfix(failed=len(failures), refresh=False)
@@ -159,4 +178,17 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
             client.close()
             if cluster is not None:
                 cluster.close()
+    if devices:
+        log("workers: " + ", ".join(f"{len(pids)} on {d}" for d, pids in sorted(devices.items())))
     return BuildResult(cache.url, len(records), n_skipped, n_built, failures, time.perf_counter() - start)
+
+
+def _worker_dtype(device: str, local: bool) -> str:
+    """Compute dtype for `--dtype auto` on a cluster: what the workers' device calls for. A
+    local cluster's workers see this machine's devices; a remote cluster's device is known only
+    when named (`--device cuda`), so `auto` there means float32, safe everywhere."""
+    if device == "auto" and local:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "float16" if device.startswith("cuda") else "float32"

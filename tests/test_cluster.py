@@ -8,6 +8,7 @@ arrays to be bit-identical to a serial build's.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def test_local_cluster_build_equals_a_serial_build(tmp_path, serial, mini_spair,
                                    "--scheduler", "local:2", "--json"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert '"n_built": 8' in result.stdout
+    assert re.search(r"workers: [12] on cpu", result.stdout + result.stderr)  # where the workers ran
     _assert_same(serial, cache)
 
 

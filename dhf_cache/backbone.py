@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,11 +69,35 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached (its host name does not resolve: no network), else None.
+    Without this a download attempt retries with back-off for ~25 s and prints every retry."""
+    import concurrent.futures
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return f"{host} did not resolve within {timeout:.0f} s (no network here?)"
+    except OSError as exc:
+        return f"{host} cannot be resolved ({exc.strerror or exc}; no network here?)"
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers info logs and loading bars out of our progress output."""
     import diffusers
     import transformers
 
+    # huggingface_hub warns that diffusers passes a deprecated argument; nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -119,8 +144,11 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
         return _load_components(model, True, dtype)
     except (OSError, ValueError) as exc:
         tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {_first_line(exc)}")
+    unreachable = None if hub_offline() else hub_unreachable()
     if hub_offline():
         tried.append("download: skipped, HF_HUB_OFFLINE is set")
+    elif unreachable:
+        tried.append(f"download: skipped, {unreachable}")
     else:
         try:
             return _load_components(model, False, dtype)

@@ -216,6 +216,19 @@ def test_model_that_cannot_be_found_says_what_was_tried(tmp_path, mini_spair):
     assert not (tmp_path / "c.zarr").exists()  # nothing written before the model loads
 
 
+def test_hub_id_without_network_fails_at_once_and_quietly(tmp_path, mini_spair):
+    """Not offline by setting, but the Hub's host does not resolve (RFC 2606's .invalid): no
+    download attempt (it would retry with back-off for ~25 s, printing each retry), no library
+    warnings, one error that says why."""
+    result = cli(*small_build_args(f"spair:{mini_spair}", tmp_path / "c.zarr", Path("nobody/no-such-model")),
+                 env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.no-such-host.invalid"})
+    assert result.returncode == 1
+    assert "download: skipped, hub.no-such-host.invalid cannot be resolved" in result.stderr
+    assert "no network here?" in result.stderr and "huggingface-cli download nobody/no-such-model" in result.stderr
+    assert "Retrying" not in result.stderr and "Warning" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "c.zarr").exists()
+
+
 def _arrays(cache: Path) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(cache), mode="r")
     out = {}

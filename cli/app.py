@@ -26,6 +26,36 @@ app = typer.Typer(
 )
 
 
+def versions() -> str:
+    """dhf-cache's version and the libraries that decide what a cache holds (for bug reports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from dhf_cache import __version__
+
+    parts = []
+    for name in ("torch", "diffusers", "transformers", "zarr", "numcodecs"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} missing")
+    return f"dhf-cache {__version__} ({', '.join(parts)}; Python {sys.version.split()[0]})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(versions())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the versions of dhf-cache and its key libraries, then exit."),
+) -> None:
+    """Diffusion Hyperfeatures with a feature cache. Stage one (build) inverts each image once and
+    stores every layer x timestep map in a Zarr cache; train and eval read the cache."""
+
+
 def report_errors(func: Callable) -> Callable:
     """Turn DhfCacheError (and Ctrl-C) into a message on stderr and a non-zero exit code."""
 

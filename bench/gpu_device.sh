@@ -4,7 +4,7 @@
 #   bash bench/gpu_device.sh fetch   # here: the wheels its image lacks -> .whl/ (git-ignored, ~8 MiB)
 #   bash bench/gpu_device.sh check   # here: the same install into a scratch folder + a CPU plumbing run
 #   bash bench/gpu_device.sh run     # there: install .whl/ into /tmp/site, run the GPU benchmark,
-#                                    # copy docs/benchmarks.md, the JSON and the log to $OUT
+#                                    # copy docs/benchmarks.md, the JSONs and the log to $OUT
 #
 # With the device tool: run(command="bash bench/gpu_device.sh run", carry=[".whl"], timeout_s=570),
 # then give_back, then copy the returned benchmarks.md over docs/benchmarks.md here.
@@ -71,7 +71,8 @@ check)  # the device's recipe against a python3 that has no project packages (e.
     export PYTHONPATH=$site PYTHONUNBUFFERED=1
     preflight
     python3 bench/gpu_batches.py --device cpu --dtype float32 --model tiny --image-size 64 --steps 5 \
-        --batch-sizes 1,2 --json "$site/gpu.json" ;;
+        --batch-sizes 1,2 --json "$site/gpu.json"
+    python3 bench/gpu_train_step.py --device cpu --size 32/16/8 --steps 2 --unet-calls 0 ;;
 run)
     [[ -d .whl ]] || { echo "no .whl/ here: run 'bash bench/gpu_device.sh fetch' first and carry .whl" >&2; exit 2; }
     out=${OUT:-bench-out}
@@ -81,9 +82,11 @@ run)
     preflight 2>&1 | tee "$out/gpu.log"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/gpu.log" || true
     rc=0
-    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-450} python3 bench/run_all.py --only gpu 2>&1 | tee -a "$out/gpu.log" || rc=$?
+    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-400} python3 bench/run_all.py --only gpu-train,gpu 2>&1 | tee -a "$out/gpu.log" || rc=$?
     cp docs/benchmarks.md "$out/benchmarks.md"
-    [[ -f bench-out/gpu.json ]] && cp bench-out/gpu.json "$out/gpu.json"
+    for f in gpu gpu-train; do
+        if [[ -f bench-out/$f.json ]]; then cp "bench-out/$f.json" "$out/$f.json"; fi
+    done
     exit "$rc" ;;
 *)
     sed -n '2,15p' "$0"; exit 2 ;;

@@ -8,7 +8,8 @@ machine and the command that produced them. Benchmarks never run during `make te
     python bench/run_all.py                    # everything (~20 min on a 2-core CPU, +5 min to make demo-out if missing)
     python bench/run_all.py --only eval,codecs # a subset; the other sections keep their old text
     python bench/run_all.py --quick            # the quick variants, for checking the suite works
-    python bench/run_all.py --only gpu         # on a CUDA machine: SD 1.5 fp16 at batch 1, 2, 4, 8 (skipped without CUDA)
+    python bench/run_all.py --only gpu-train,gpu   # on a CUDA machine: SD 1.5 training step; build in fp16 at
+                                                   # batch 1, 2, 4, 8 (both skipped without CUDA)
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ BENCHMARKS = {
     "gpu": ("1, 2, 7 on a GPU: SD 1.5-config UNet in fp16 at batch 1, 2, 4, 8",
             ["gpu_batches.py"], ["gpu_batches.py", "--batch-sizes", "1,8", "--steps", "10"],
             "images/s and peak GPU memory; the reference needs ~13.7 GB at batch 2"),
+    "gpu-train": ("3, 7 on a GPU: a training step at the paper's size from SD 1.5-shaped cached features",
+                  ["gpu_train_step.py"], ["gpu_train_step.py", "--steps", "3", "--unet-calls", "2"],
+                  "reference / cache step time; peak GPU memory of a training step and of eval's descriptor pass"),
 }
-NEEDS_CUDA = {"gpu"}  # left out of a full run on machines without CUDA (its old section stays)
+NEEDS_CUDA = {"gpu", "gpu-train"}  # left out of a full run on machines without CUDA (its old section stays)
 BEGIN, END = "<!-- bench:{} begin -->", "<!-- bench:{} end -->"
 
 

@@ -5,7 +5,8 @@ pass of eval; step times and peak GPU memory (issue 7's items 3 and 7 on a GPU).
 Measured in one process, on random weights and features (nothing is downloaded):
     read      two SD 1.5-sized images (12 layers x 11 steps, 157 MB of fp16 each) written to a
               local Zarr cache with the library's codecs, read back with FeatureReader (warm page
-              cache: this is the decode cost, not the disk's)
+              cache: this is the decode cost, not the disk's), then through the training loader
+              with 1, 2 and the default number of reader threads
     unet      one SD 1.5-config UNet call at batch 2 on a 64x64 latent in fp16 (median of several)
     step      `_train_step` of `dhf-cache train` at P=384, 64x64, GroupNorm 32 on SD 1.5's layer
               table (6.5M parameters, fp32 weights, fp16 inputs moved to the device each step)
@@ -150,6 +151,27 @@ def network(args, device: torch.device, memory: GpuMemory) -> dict:
             "peak_gpu_mb_describe": describe_peak}
 
 
+def loader_widths(url: Path, raw_bytes: int, reads: int = 16) -> list[dict]:
+    """Images/s of the training loader (Prefetcher over FeatureReader) at 1, 2 and the default
+    number of reader threads: how far a many-core GPU host keeps up with the network step."""
+    from dhf_cache.cache import FeatureCache
+    from dhf_cache.feature_loader import FeatureReader, Prefetcher, default_loader_workers, select_features
+
+    cache = FeatureCache.open(str(url))
+    reader = FeatureReader(cache, select_features(cache))
+    out = []
+    for workers in sorted({1, 2, default_loader_workers()}):
+        start = time.perf_counter()
+        for _ in Prefetcher(lambda i: reader.read(i % 2), range(reads), depth=workers + 2, workers=workers):
+            pass
+        seconds = time.perf_counter() - start
+        out.append({"workers": workers, "images_per_second": reads / seconds,
+                    "mb_per_second": reads * raw_bytes / 1e6 / seconds})
+        print(f"  loader with {workers} reader thread(s): {reads / seconds:.1f} images/s "
+              f"({reads * raw_bytes / 1e6 / seconds:.0f} MB/s)", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -163,9 +185,13 @@ def main(argv=None) -> int:
     memory = GpuMemory(device)
     with tempfile.TemporaryDirectory(prefix="dhf-bench-gpu-train-") as tmp:
         read = sd15_read(Path(tmp), args.seed, repeats=3)
-    print(f"read 2 images from a local Zarr cache (FeatureReader, {read['raw_bytes_per_image'] / 1e6:.1f} MB fp16 each, "
-          f"warm page cache): {read['read_seconds_two_images']:.3f} s "
-          f"({2 * read['raw_bytes_per_image'] / 1e6 / read['read_seconds_two_images']:.0f} MB/s)", flush=True)
+        print(f"read 2 images from a local Zarr cache (FeatureReader, {read['raw_bytes_per_image'] / 1e6:.1f} MB fp16 "
+              f"each, warm page cache): {read['read_seconds_two_images']:.3f} s "
+              f"({2 * read['raw_bytes_per_image'] / 1e6 / read['read_seconds_two_images']:.0f} MB/s)", flush=True)
+        widths = loader_widths(Path(tmp) / "sd15-cache", read["raw_bytes_per_image"])
+    read["loader_widths"] = widths
+    best = max(widths, key=lambda w: w["mb_per_second"])
+    read["read_seconds_two_images"] = 2 * read["raw_bytes_per_image"] / 1e6 / best["mb_per_second"]  # the loader's pace
     net = network(args, device, memory)
     print(f"training step ({net['parameters']:,} parameters, {args.keypoints} keypoints): "
           f"{net['network_step_seconds'] * 1000:.1f} ms (median of {args.steps}); peak GPU memory "
@@ -182,14 +208,15 @@ def main(argv=None) -> int:
               flush=True)
         step, rd = net["network_step_seconds"], read["read_seconds_two_images"]
         reference = SD15_STEPS_PER_IMAGE * unet["unet_call_seconds_batch2"] + step
-        cache, overlapped = rd + step, max(rd, step)
+        cache, overlapped = rd + step, max(rd, step)  # rd: a pair at the widest loader's pace
         results.update({"reference_step_seconds": reference, "cache_step_seconds": cache,
                         "cache_step_seconds_overlapped": overlapped, "ratio": reference / cache,
                         "ratio_overlapped": reference / overlapped})
         print(f"reference step ~ {SD15_STEPS_PER_IMAGE} x {unet['unet_call_seconds_batch2'] * 1000:.1f} ms + "
               f"{step * 1000:.1f} ms = {reference:.2f} s [VAE encode and image decode left out]")
-        print(f"cache step     ~ {rd:.3f} s read + {step:.3f} s step = {cache:.3f} s; {overlapped:.3f} s with the "
-              f"prefetch overlapping ({'read' if rd > step else 'network'}-bound)")
+        print(f"cache step     ~ {rd:.3f} s read (a pair, at the pace of {best['workers']} reader threads) + {step:.3f} s "
+              f"step = {cache:.3f} s; {overlapped:.3f} s with the prefetch overlapping "
+              f"({'read' if rd > step else 'network'}-bound)")
     results["peak_rss_mb"] = peak_rss_mb()
     print(f"peak RSS {results['peak_rss_mb']:.0f} MiB")
     if args.json_out:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -75,6 +76,21 @@ class FeatureReader:
         positions = None if self._all_positions else self.selection.positions
         chunks = self.cache.read_features(index, [layer.name for layer in self.selection.layers], positions)
         return {name: torch.from_numpy(chunk) for name, chunk in chunks.items()}
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 2
+
+
+def default_loader_workers() -> int:
+    """Reader threads for training and eval: half the usable cores, 2 to 8. zstd decoding
+    releases the GIL and scales with threads (measured: 2 threads 2.25x one), and at SD 1.5 size
+    one core decodes ~0.28 s per image (157 MB), so on a GPU two threads would bound a training
+    step at ~0.3 s while the step itself takes less."""
+    return max(2, min(8, usable_cores() // 2))
 
 
 class Prefetcher(Generic[T, R]):

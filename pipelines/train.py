@@ -27,7 +27,7 @@ from dhf_cache.datasets import PairRecord, open_dataset
 from dhf_cache.descriptors import LRUDescriptors, network_descriptors
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CheckpointError, TrainingError
-from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, select_features
+from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, default_loader_workers, select_features
 from dhf_cache.fingerprint import spec_differences
 from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
 from dhf_cache.progress import progress_bar
@@ -46,8 +46,8 @@ class TrainRequest:
     resume: bool = False
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
-    prefetch: int = 4
-    loader_workers: int = 2
+    prefetch: int | None = None  # steps read ahead (default: loader_workers + 2, so every reader stays busy)
+    loader_workers: int | None = None  # reader threads (default: feature_loader.default_loader_workers())
 
 
 @dataclass
@@ -188,7 +188,10 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         f"{len(selection.layers)} layers x {len(selection.positions)} timesteps, "
         f"{sum(p.numel() for p in network.parameters()):,} parameters, on {device}"
     )
-    prefetcher = Prefetcher(load, range(start_step + 1, opts.steps + 1), request.prefetch, request.loader_workers)
+    workers = request.loader_workers or default_loader_workers()
+    depth = request.prefetch or workers + 2
+    log(f"loader: {workers} reader threads, {depth} steps read ahead")
+    prefetcher = Prefetcher(load, range(start_step + 1, opts.steps + 1), depth, workers)
     bar = progress_bar(opts.steps, "train", unit="step", enabled=request.progress)
     bar.update(start_step)
     losses: list[float] = []

@@ -106,6 +106,19 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, tra
     assert _losses(straight) == pytest.approx(_losses(split), rel=1e-5)
 
 
+def test_loader_width_does_not_change_what_is_learned(tmp_path, train_cache, train_data):
+    runs = {}
+    for workers in ("1", "4"):
+        runs[workers] = tmp_path / f"w{workers}"
+        result = invoke(*train_args(train_cache, train_data, runs[workers], "--steps", "6", "--val-every", "6",
+                                    "--pairs-per-step", "2", "--loader-workers", workers))
+        assert result.exit_code == 0, result.output
+        assert f"loader: {workers} reader threads, {int(workers) + 2} steps read ahead" in result.output
+    a, b = load_file(runs["1"] / "last" / "model.safetensors"), load_file(runs["4"] / "last" / "model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert _losses(runs["1"]) == _losses(runs["4"])
+
+
 def test_existing_run_needs_resume(tmp_path, train_cache, train_data):
     out = tmp_path / "run"
     assert invoke(*train_args(train_cache, train_data, out, "--steps", "1")).exit_code == 0

@@ -72,22 +72,31 @@ def hub_offline() -> bool:
 def hub_unreachable(timeout: float = 5.0) -> str | None:
     """Why the Hub cannot be reached (its host name does not resolve: no network), else None.
     Without this a download attempt retries with back-off for ~25 s and prints every retry."""
-    import concurrent.futures
     import socket
+    import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
+    outcome: list[BaseException | None] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    # a daemon thread: a resolver that hangs must not hold up the answer or the process's exit
+    thread = threading.Thread(target=resolve, daemon=True, name="dhf-cache-hub-check")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
         return f"{host} did not resolve within {timeout:.0f} s (no network here?)"
-    except OSError as exc:
-        return f"{host} cannot be resolved ({exc.strerror or exc}; no network here?)"
-    finally:
-        pool.shutdown(wait=False)
+    if outcome[0] is not None:
+        exc = outcome[0]
+        return f"{host} cannot be resolved ({getattr(exc, 'strerror', None) or exc}; no network here?)"
     return None
 
 

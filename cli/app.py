@@ -52,8 +52,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the versions of dhf-cache and its key libraries, then exit."),
 ) -> None:
-    """Diffusion Hyperfeatures with a feature cache. Stage one (build) inverts each image once and
-    stores every layer x timestep map in a Zarr cache; train and eval read the cache."""
+    pass  # the app's help text is Typer(help=...) above; this callback only adds --version
 
 
 def report_errors(func: Callable) -> Callable:

@@ -377,7 +377,7 @@ def breakdown(build_s: float, t: Timers, bare_t: Timers | None, n_calls: int, ra
         "waiting for the writer (end of build)": s["main waits: writer at the end"],
     }
     accounted = sum(v for k, v in main.items() if not k.startswith("  "))
-    main["other (batching, torch.stack, cache reads, bookkeeping)"] = build_s - accounted
+    main["other (batching, torch.stack, cache reads, bookkeeping)"] = max(0.0, build_s - accounted)  # < 0: timer noise
     write_all = s["writer: write_image (all)"]
     busy = t.busy  # wall time with at least one of the concurrent chunk writes in that piece
     writer = {

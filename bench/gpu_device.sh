@@ -41,6 +41,7 @@ fetch() {
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platform_args[@]}" -d .whl "${specs[@]}"
     "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl . >/dev/null
+    rm -rf build  # setuptools' scratch folder (git-ignored)
     ls -1 .whl
     du -sh .whl
 }

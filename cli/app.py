@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import typer
 
+from dhf_cache.disk_space import human_bytes  # noqa: F401  (re-exported for the commands)
 from dhf_cache.errors import DhfCacheError
 from dhf_cache.storage import storage_exceptions
 
@@ -88,11 +89,3 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

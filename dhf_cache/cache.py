@@ -353,12 +353,15 @@ class FeatureCache:
                 int(self._array(f"{GENERATED}/seeds")[index]))
 
     # ---------------------------------------------------------------- summary
+    @property
+    def raw_bytes_per_image(self) -> int:
+        """Native fp16 bytes of one image's stored maps (every layer x timestep)."""
+        return sum(len(self.timesteps) * l.channels * l.height * l.width * 2 for l in self.layers)
+
     def info(self) -> dict[str, Any]:
         done = self.done_mask()
         n_done = int(done.sum())
-        raw_per_image = sum(
-            len(self.timesteps) * l.channels * l.height * l.width * 2 for l in self.layers
-        )
+        raw_per_image = self.raw_bytes_per_image
         store = self.group.store
         total = stored_bytes(store)
         feature_bytes = stored_bytes(store, FEATURES)

@@ -22,6 +22,7 @@ from dhf_cache.capture import resolve_layers
 from dhf_cache.config import BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, GenerationSpec, Preprocessing, StorageSpec
 from dhf_cache.datasets import Dataset, ImageRecord
 from dhf_cache.device import resolve_device
+from dhf_cache.disk_space import check_free_space
 from dhf_cache.errors import DhfCacheError, ImageError, StorageError, UsageError
 from dhf_cache.extract import ExtractedImage, FeatureExtractor
 from dhf_cache.images import load_image, preprocess
@@ -100,7 +101,9 @@ def run_build(
         shard, n_shards = options.shard
         records = shard_records(records, cache.index_of(), options.batch_size, shard, n_shards)
         log(f"shard {shard}/{n_shards}: {len(records)} images")
-    result = build_images(extractor, cache, records, options, log)
+    plan = plan_build(cache, records)
+    check_free_space(cache, len(plan.todo), log)
+    result = build_images(extractor, cache, records, options, log, plan=plan)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from dhf_cache.config import BuildOptions, BuildSpec
 from dhf_cache.datasets import ImageRecord
+from dhf_cache.disk_space import check_free_space
 from dhf_cache.errors import UsageError
 from dhf_cache.pipelines.build import (
     BuildPlan,
@@ -140,6 +141,7 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
         request = dataclasses.replace(request, dtype=_worker_dtype(options.device, local))
     extractor, cache = open_build(request, [r.id for r in records], "cpu", log)
     plan = plan_build(cache, records)
+    check_free_space(cache, len(plan.todo), log)
     groups = [g for g in _batch_groups(records, plan.index, options.batch_size) if any(r.id in plan.todo for r in g)]
     n_skipped = len(records) - len(plan.todo)
     log(f"cache {cache.url}: {len(records)} images, {n_skipped} already done, {len(plan.todo)} to build "

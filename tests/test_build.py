@@ -72,6 +72,7 @@ def test_bad_images_are_recorded_and_the_build_goes_on(tmp_path, messy_folder, t
     for name in FAILING:
         assert f"FAILED {name}:" in result.output
     assert "built 7 image(s)" in result.output
+    assert "disk: up to" in result.output and "for 11 image(s)" in result.output  # checked before building
     c = FeatureCache.open(str(cache))
     done = dict(zip(c.image_ids, c.done_mask()))
     assert {k for k, v in done.items() if v} == GOOD

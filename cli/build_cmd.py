@@ -234,7 +234,9 @@ def info(
     echo(f"saved steps    {', '.join(map(str, data['save_steps']))}  (clean first)")
     echo(f"timesteps      {', '.join(map(str, data['timesteps']))}  (UNet t of each stored step)")
     echo(f"preprocessing  load {pre['load_size']} -> input {pre['image_size']}, {pre['resampling']}, {pre['latent']} latent, seed {pre['seed']}, compute {spec['compute']['dtype']}")
-    echo(f"images         {data['n_done']} done / {data['n_images']}, {len(data['failures'])} failed")
+    left = data["n_images"] - data["n_done"]
+    echo(f"images         {data['n_done']} done / {data['n_images']}, {len(data['failures'])} failed"
+         + (f"; the other {left} need about {human_bytes(data['bytes_to_finish_estimate'])} more" if left else ""))
     echo(f"layers         {len(data['layers'])}, {sum(l['channels'] for l in data['layers'])} channels in all")
     for layer in data["layers"]:
         echo(f"  {layer['name']:<28} {layer['channels']:>5} x {layer['height']:>3} x {layer['width']:<3}")

@@ -28,6 +28,7 @@ import numpy as np
 from dhf_cache import __version__
 from dhf_cache.config import FORMAT_VERSION, BuildSpec
 from dhf_cache.direct_reads import DirectArray, direct_array, read_chunk
+from dhf_cache.disk_space import bytes_per_image
 from dhf_cache.errors import CacheError, SpecMismatchError, UsageError
 from dhf_cache.layers import LayerInfo
 from dhf_cache import quant8  # noqa: F401  (registers the quant8 codec, so quant8 caches open)
@@ -381,4 +382,7 @@ class FeatureCache:
             "feature_bytes": feature_bytes,
             "feature_bytes_per_image_native_fp16": raw_per_image,
             "compression_ratio": (raw_per_image * n_done / feature_bytes) if n_done and feature_bytes else None,
+            # the images not done yet, at the average of those done (else disk_space's upper bound)
+            "bytes_to_finish_estimate": int((len(self.image_ids) - n_done)
+                                            * (total / n_done if n_done else bytes_per_image(self))),
         }

@@ -189,8 +189,24 @@ def test_info_describes_the_cache_truthfully(tmp_path, mini_spair, tiny_model_di
         assert [type(c).__name__ for c in arr.metadata.codecs] == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
     fp = data["fingerprint"]
     assert set(fp) == {"feature_space", "preprocessing", "spec"} and all(len(v) == 64 for v in fp.values())
+    assert data["bytes_to_finish_estimate"] == 0
     text = invoke("info", str(cache))
-    assert "4 done / 4" in text.output and "down_blocks.3.resnets.1" in text.output
+    assert "4 done / 4" in text.output and "down_blocks.3.resnets.1" in text.output and "more" not in text.output
+
+
+def test_info_estimates_the_disk_a_build_still_needs(tmp_path, mini_spair, tiny_model_dir):
+    from dhf_cache.disk_space import bytes_per_image
+
+    cache = tmp_path / "c.zarr"
+    args = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "test")
+    assert invoke(*args, "--prepare-only").exit_code == 0
+    before = json.loads(invoke("info", str(cache), "--json").stdout)
+    assert before["n_done"] == 0
+    assert before["bytes_to_finish_estimate"] == 4 * bytes_per_image(FeatureCache.open(str(cache)))  # upper bound
+    assert "the other 4 need about" in invoke("info", str(cache)).output
+    assert invoke(*args).exit_code == 0
+    stored = json.loads(invoke("info", str(cache), "--json").stdout)["bytes"] - before["bytes"]
+    assert stored <= before["bytes_to_finish_estimate"]  # the estimate was an upper bound
 
 
 def test_one_step_variant(tmp_path, mini_spair, tiny_model_dir):

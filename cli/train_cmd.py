@@ -44,6 +44,9 @@ def _split_ints(text: str | None, option: str) -> tuple[int, ...] | None:
         raise UsageError(f"{option} {text!r}: expected comma-separated UNet timesteps such as -1,60,160") from None
 
 
+LOADER_WAIT_HINT = 0.2  # above this share of the loop waiting for reads, the summary suggests a wider loader
+
+
 @app.command(epilog=TRAIN_EPILOG)
 @report_errors
 def train(
@@ -96,7 +99,8 @@ def train(
         "pairs": result.n_pairs, "skipped": result.skipped, "final_loss": result.final_loss,
         "best_val_pck": result.best_val, "best_step": result.best_step, "last_val_pck": result.last_val,
         "seconds": round(result.seconds, 2), "steps_per_second": round(steps_run / loop, 3),
-        "loader_wait_fraction": round(result.loader_wait_seconds / loop, 4), "peak_rss_mb": round(result.peak_rss_mb, 1),
+        "loader_wait_fraction": round(result.loader_wait_seconds / loop, 4), "loader_workers": result.loader_workers,
+        "peak_rss_mb": round(result.peak_rss_mb, 1),
     }
     if json_output:
         print_json(summary)
@@ -109,6 +113,9 @@ def train(
         typer.echo(f"  val PCK@0.1 (bbox, per point): last {result.last_val:.4f}, best {result.best_val:.4f} at step {result.best_step}")
     typer.echo(f"  skipped pairs: {result.skipped}; loader wait {100 * summary['loader_wait_fraction']:.1f}% of the time; "
                f"peak RSS {result.peak_rss_mb:.0f} MB")
+    if summary["loader_wait_fraction"] > LOADER_WAIT_HINT and steps_run >= 20:
+        typer.echo(f"  the step waited for cached features {100 * summary['loader_wait_fraction']:.0f}% of the time: "
+                   f"more reader threads may help (--loader-workers, {result.loader_workers} now), or a faster disk")
 
 
 IMPORT_EPILOG = """

@@ -64,6 +64,7 @@ class TrainResult:
     seconds: float
     loader_wait_seconds: float
     peak_rss_mb: float
+    loader_workers: int = 2
 
 
 @dataclass
@@ -233,7 +234,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         skipped=skipped, final_loss=float(np.mean(losses[-50:])) if losses else None,
         best_val=best["best_val"], best_step=best["best_step"], last_val=last_val,
         seconds=time.perf_counter() - started, loader_wait_seconds=min(prefetcher.wait_seconds, loop_seconds),
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=workers,
     )
 
 

@@ -21,7 +21,7 @@ from dhf_cache.cli.app import app
 from dhf_cache.config import TrainOptions
 from dhf_cache.datasets import open_dataset
 from dhf_cache.descriptors import network_descriptors
-from dhf_cache.feature_loader import FeatureReader, select_features
+from dhf_cache.feature_loader import FeatureReader, default_loader_workers, select_features
 from dhf_cache.pipelines.train import PairSchedule
 from dhf_cache.scoring import score_pairs
 
@@ -190,6 +190,7 @@ def test_pairs_without_visible_keypoints_are_skipped_and_counted(tmp_path, train
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["skipped"]["no_keypoints"] == 1 and summary["pairs"] == 23
+    assert summary["loader_workers"] == default_loader_workers()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, train_cache, train_data):

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 7's GPU figures on a lent device machine, in two halves (that machine has no network).
 #
-#   bash bench/gpu_device.sh fetch   # here: the wheels its image lacks -> .whl/ (git-ignored, ~8 MiB)
+#   bash bench/gpu_device.sh fetch   # here: the wheels its image lacks -> .whl/ (git-ignored, ~19 MB)
 #   bash bench/gpu_device.sh check   # here: the same install into a scratch folder + a CPU plumbing run
-#   bash bench/gpu_device.sh run     # there: install .whl/ into /tmp/site, run the GPU benchmark,
+#   bash bench/gpu_device.sh run     # there: install .whl/ into /tmp/site, run the GPU benchmarks, then
+#                                    # the CUDA tests in the time left (tests/test_cuda.py);
 #                                    # copy docs/benchmarks.md, the JSONs and the log to $OUT
 #
-# With the device tool: run(command="bash bench/gpu_device.sh run", carry=[".whl"], timeout_s=570),
+# With the device tool: run(command="bash bench/gpu_device.sh run", carry=[".whl"], timeout_s=590),
 # then give_back, then copy the returned benchmarks.md over docs/benchmarks.md here.
 #
 # The device image ('cuda', python3 = Python 3.12 with torch, transformers 5.x, huggingface_hub 1.x,
@@ -73,21 +74,34 @@ check)  # the device's recipe against a python3 that has no project packages (e.
     preflight
     python3 bench/gpu_batches.py --device cpu --dtype float32 --model tiny --image-size 64 --steps 5 \
         --batch-sizes 1,2 --json "$site/gpu.json"
-    python3 bench/gpu_train_step.py --device cpu --size 32/16/8 --steps 2 --unet-calls 0 ;;
+    python3 bench/gpu_train_step.py --device cpu --size 32/16/8 --steps 2 --unet-calls 0
+    PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_matching.py -k cuda ;;
 run)
     [[ -d .whl ]] || { echo "no .whl/ here: run 'bash bench/gpu_device.sh fetch' first and carry .whl" >&2; exit 2; }
+    deadline=${DHF_DEVICE_DEADLINE:-570}  # seconds this script may take (a device command may take 600)
     out=${OUT:-bench-out}
     mkdir -p "$out"
     install /tmp/site
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+    export PYTHONSAFEPATH=1  # python3 -c / -m must import the installed wheel, not the source folder
     preflight 2>&1 | tee "$out/gpu.log"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/gpu.log" || true
     rc=0
-    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-400} python3 bench/run_all.py --only gpu-train,gpu 2>&1 | tee -a "$out/gpu.log" || rc=$?
+    # the benchmarks first (the issue's figures), then the CUDA tests in the time that is left
+    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-350} python3 bench/run_all.py --only gpu-train,gpu 2>&1 \
+        | tee -a "$out/gpu.log" || rc=$?
     cp docs/benchmarks.md "$out/benchmarks.md"
     for f in gpu gpu-train; do
         if [[ -f bench-out/$f.json ]]; then cp "bench-out/$f.json" "$out/$f.json"; fi
     done
+    left=$((deadline - SECONDS))
+    if ((left > 60)); then
+        echo "== CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_matching.py; ${left} s left)" | tee -a "$out/gpu.log"
+        timeout "$left" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_matching.py -k cuda 2>&1 \
+            | tee -a "$out/gpu.log" || rc=$?
+    else
+        echo "== CUDA tests skipped: ${left} s left" | tee -a "$out/gpu.log"
+    fi
     exit "$rc" ;;
 *)
     sed -n '2,15p' "$0"; exit 2 ;;

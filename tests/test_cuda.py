@@ -1,0 +1,51 @@
+"""The CUDA paths, end to end (skipped without CUDA; `bash bench/gpu_device.sh run` runs them on a
+lent GPU before its benchmarks)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import cli, small_build_args
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_a_cuda_build_stores_the_cpu_builds_features(tmp_path, mini_spair, tiny_model_dir):
+    """Same spec (float32 compute) on both devices: same latents (CPU generators per image id) and
+    the same features up to GPU arithmetic (TF32 convolutions, other kernels)."""
+    caches = {}
+    for device in ("cpu", "cuda"):
+        caches[device] = tmp_path / f"{device}.zarr"
+        args = small_build_args(f"spair:{mini_spair}", caches[device], tiny_model_dir, "--split", "test",
+                                "--dtype", "float32")
+        args[args.index("--device") + 1] = device
+        result = cli(*args)
+        assert result.returncode == 0, result.stderr[-2000:]
+    cpu, gpu = (zarr.open_group(str(caches[d]), mode="r") for d in ("cpu", "cuda"))
+    np.testing.assert_allclose(gpu["latents"][:], cpu["latents"][:], rtol=1e-3, atol=1e-3)
+    for name, arr in cpu["features"].arrays():
+        a, b = arr[:].astype(np.float32), gpu["features"][name][:].astype(np.float32)
+        assert np.isfinite(b).all()
+        scale = np.abs(a).max()
+        assert np.abs(a - b).max() <= 0.02 * scale, name
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999, name
+
+
+def test_every_stage_runs_on_cuda(tmp_path):
+    work = tmp_path / "demo"
+    result = cli("demo", "--workdir", str(work), "--device", "cuda", "--no-progress", "--image-size", "64",
+                 "--inversion-steps", "5", "--train-steps", "20", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained aggregator" in result.stdout
+    info = json.loads(cli("info", str(work / "features.zarr"), "--json").stdout)
+    assert info["n_done"] == info["n_images"] == 50
+    assert info["spec"]["compute"]["dtype"] == "float16"  # auto on CUDA
+    verify = cli("verify", str(work / "features.zarr"), "--json")
+    assert verify.returncode == 0, verify.stdout[-2000:]
+    metrics = json.loads((work / "eval" / "trained" / "metrics.json").read_text())
+    assert metrics["n_pairs"] == 30

@@ -49,8 +49,13 @@ def check_free_space(cache, n_images: int, log: Callable[[str], None]) -> None:
     if n_images <= 0 or not is_local(cache.url):
         return
     path = _existing(local_path(cache.url))
-    free = shutil.disk_usage(path).free
     per_image = bytes_per_image(cache)
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError as exc:  # a file system that cannot say: build anyway
+        log(f"disk: up to {human_bytes(per_image * n_images)} for {n_images} image(s); free space at {path} "
+            f"unknown ({exc})")
+        return
     need = per_image * n_images
     log(f"disk: up to {human_bytes(need)} for {n_images} image(s) ({human_bytes(per_image)} each), "
         f"{human_bytes(free)} free at {path}")

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import typer
 
-from dhf_cache.disk_space import human_bytes  # noqa: F401  (re-exported for the commands)
 from dhf_cache.errors import DhfCacheError
 from dhf_cache.storage import storage_exceptions
 

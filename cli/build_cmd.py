@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, human_bytes, log, print_json, report_errors
+from dhf_cache.cli.app import app, log, print_json, report_errors
 from dhf_cache.config import SD15_MODEL_ID, BuildOptions, CodecSpec, Preprocessing, StorageSpec
+from dhf_cache.disk_space import human_bytes
 from dhf_cache.errors import UsageError
 
 BUILD_EPILOG = """

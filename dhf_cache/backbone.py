@@ -153,10 +153,9 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
         return _load_components(model, True, dtype)
     except (OSError, ValueError) as exc:
         tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {_first_line(exc)}")
-    unreachable = None if hub_offline() else hub_unreachable()
     if hub_offline():
         tried.append("download: skipped, HF_HUB_OFFLINE is set")
-    elif unreachable:
+    elif unreachable := hub_unreachable():
         tried.append(f"download: skipped, {unreachable}")
     else:
         try:

@@ -359,6 +359,11 @@ class FeatureCache:
         """Native fp16 bytes of one image's stored maps (every layer x timestep)."""
         return sum(len(self.timesteps) * l.channels * l.height * l.width * 2 for l in self.layers)
 
+    @property
+    def latent_bytes_per_image(self) -> int:
+        latents = self._array("latents")
+        return int(np.prod(latents.shape[1:])) * latents.dtype.itemsize
+
     def info(self) -> dict[str, Any]:
         done = self.done_mask()
         n_done = int(done.sum())

@@ -33,8 +33,7 @@ def human_bytes(n: float | None) -> str:
 def bytes_per_image(cache) -> int:
     """Upper bound of the bytes one image adds to `cache` (features + latent)."""
     fraction = STORED_FRACTION.get(cache.spec.storage.codec.name, 1.0)
-    latent = 4 * 4 * max(1, cache.spec.preprocessing.image_size // 8) ** 2  # float32, 4 x h x w
-    return int(cache.raw_bytes_per_image * fraction) + latent
+    return int(cache.raw_bytes_per_image * fraction) + cache.latent_bytes_per_image
 
 
 def _existing(path: Path) -> Path:

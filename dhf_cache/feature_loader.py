@@ -96,11 +96,15 @@ def default_loader_workers() -> int:
 class Prefetcher(Generic[T, R]):
     """Yields fn(item) for each item in order, computing up to `depth` ahead in threads.
 
-    `wait_seconds` is the time the consumer spent blocked on results: the loader's share of a
-    training step is wait_seconds / total time.
+    `workers` defaults to `default_loader_workers()` and `depth` to workers + 2, so every worker
+    stays busy. `wait_seconds` is the time the consumer spent blocked on results: the loader's
+    share of a training step is wait_seconds / total time.
     """
 
-    def __init__(self, fn: Callable[[T], R], items: Iterable[T], depth: int = 4, workers: int = 2):
+    def __init__(self, fn: Callable[[T], R], items: Iterable[T], depth: int | None = None,
+                 workers: int | None = None):
+        workers = default_loader_workers() if workers is None else workers
+        depth = workers + 2 if depth is None else depth
         if depth < 1 or workers < 1:
             raise UsageError("prefetch depth and workers must be at least 1")
         self.fn = fn

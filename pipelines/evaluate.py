@@ -25,7 +25,7 @@ from dhf_cache.descriptor_store import DescriptorStore
 from dhf_cache.descriptors import LRUDescriptors, aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CheckpointError, EvaluationError
-from dhf_cache.feature_loader import FeatureReader, Prefetcher, default_loader_workers
+from dhf_cache.feature_loader import FeatureReader, Prefetcher
 from dhf_cache.matching import parse_refine
 from dhf_cache.pck import bbox_length
 from dhf_cache.progress import progress_bar
@@ -216,8 +216,7 @@ def _checkpoint_descriptors(ckpt: Checkpoint, cache: FeatureCache, pairs: list[P
     device = next(net.parameters()).device
     log(f"descriptors: {len(needed)} images, {len(needed) - len(todo)} stored, {len(todo)} to compute")
     bar = progress_bar(len(todo), "descriptors", unit="img", enabled=request.progress)
-    workers = default_loader_workers()
-    for i, features in Prefetcher(lambda i: (i, reader.read(i)), todo, depth=workers + 2, workers=workers):
+    for i, features in Prefetcher(lambda i: (i, reader.read(i)), todo):
         store.write(i, aggregate(net, features, device))
         bar.update(1)
     bar.close()

@@ -27,7 +27,7 @@ from dhf_cache.datasets import PairRecord, open_dataset
 from dhf_cache.descriptors import LRUDescriptors, network_descriptors
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CheckpointError, TrainingError
-from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, default_loader_workers, select_features
+from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, select_features
 from dhf_cache.fingerprint import spec_differences
 from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
 from dhf_cache.progress import progress_bar
@@ -46,8 +46,8 @@ class TrainRequest:
     resume: bool = False
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
-    prefetch: int | None = None  # steps read ahead (default: loader_workers + 2, so every reader stays busy)
-    loader_workers: int | None = None  # reader threads (default: feature_loader.default_loader_workers())
+    prefetch: int | None = None  # steps read ahead (None: Prefetcher's default, loader_workers + 2)
+    loader_workers: int | None = None  # reader threads (None: Prefetcher's default, default_loader_workers())
 
 
 @dataclass
@@ -64,7 +64,7 @@ class TrainResult:
     seconds: float
     loader_wait_seconds: float
     peak_rss_mb: float
-    loader_workers: int = 2
+    loader_workers: int
 
 
 @dataclass
@@ -189,10 +189,8 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         f"{len(selection.layers)} layers x {len(selection.positions)} timesteps, "
         f"{sum(p.numel() for p in network.parameters()):,} parameters, on {device}"
     )
-    workers = request.loader_workers or default_loader_workers()
-    depth = request.prefetch or workers + 2
-    log(f"loader: {workers} reader threads, {depth} steps read ahead")
-    prefetcher = Prefetcher(load, range(start_step + 1, opts.steps + 1), depth, workers)
+    prefetcher = Prefetcher(load, range(start_step + 1, opts.steps + 1), request.prefetch, request.loader_workers)
+    log(f"loader: {prefetcher.workers} reader threads, {prefetcher.depth} steps read ahead")
     bar = progress_bar(opts.steps, "train", unit="step", enabled=request.progress)
     bar.update(start_step)
     losses: list[float] = []
@@ -234,7 +232,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         skipped=skipped, final_loss=float(np.mean(losses[-50:])) if losses else None,
         best_val=best["best_val"], best_step=best["best_step"], last_val=last_val,
         seconds=time.perf_counter() - started, loader_wait_seconds=min(prefetcher.wait_seconds, loop_seconds),
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=workers,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=prefetcher.workers,
     )
 
 

@@ -23,6 +23,8 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     """CPU model, cores, torch/zarr versions and (on CUDA) the GPU: printed with every figure."""
     import torch
 
+    from dhf_cache.feature_loader import usable_cores
+
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -34,7 +36,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores_usable": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from _common import describe_machine, machine_info, median, peak_rss_mb, synchronize, write_json  # noqa: E402
-from train_speed import SD15_STEPS_PER_IMAGE, sd15_layers, sd15_read  # noqa: E402
+from train_speed import SD15_STEPS_PER_IMAGE, sd15_layers, sd15_random_features, sd15_read  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -111,8 +111,7 @@ def network(args, device: torch.device, memory: GpuMemory) -> dict:
 
     layers = sd15_layers()
     gen = torch.Generator().manual_seed(args.seed)
-    feats = [tuple({l.name: torch.randn(11, l.channels, l.height, l.width, generator=gen).to(torch.float16)
-                    for l in layers} for _ in range(2))]
+    feats = [tuple(sd15_random_features(gen) for _ in range(2))]
     grid = args.grid
     batch = [_Example(None, torch.randint(0, grid, (args.keypoints, 2), generator=gen),
                       torch.randint(0, grid, (args.keypoints, 2), generator=gen))]

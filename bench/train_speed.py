@@ -390,6 +390,12 @@ def sd15_layers():
     return [LayerInfo(f"up_blocks.{i // 3}.resnets.{i % 3}", c, s, s) for i, (c, s) in enumerate(SD15_LAYERS)]
 
 
+def sd15_random_features(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One image's maps on SD 1.5's layer table, 11 steps, random fp16 (what a cache read returns)."""
+    return {l.name: torch.randn(11, l.channels, l.height, l.width, generator=gen).to(torch.float16)
+            for l in sd15_layers()}
+
+
 def sd15_read(work: Path, seed: int, repeats: int = 2) -> dict:
     """Two SD 1.5-sized images (random fp16 features, 11 steps) written to a Zarr cache with the
     library's codecs, then read back with FeatureReader (what a training step loads)."""
@@ -409,8 +415,7 @@ def sd15_read(work: Path, seed: int, repeats: int = 2) -> dict:
     gen = torch.Generator().manual_seed(seed)
     raw = 0
     for i in range(2):
-        feats = {l.name: torch.randn(11, l.channels, l.height, l.width, generator=gen).to(torch.float16).numpy()
-                 for l in layers}
+        feats = {name: value.numpy() for name, value in sd15_random_features(gen).items()}
         raw = sum(v.nbytes for v in feats.values())
         cache.write_image(i, ExtractedImage(np.zeros((4, 64, 64), np.float32), feats), (512, 512))
         del feats
@@ -453,8 +458,7 @@ def sd15_network_step(seed: int) -> dict:
 
     layers = sd15_layers()
     gen = torch.Generator().manual_seed(seed)
-    feats = [tuple({l.name: torch.randn(11, l.channels, l.height, l.width, generator=gen).to(torch.float16)
-                    for l in layers} for _ in range(2))]
+    feats = [tuple(sd15_random_features(gen) for _ in range(2))]
     kps = torch.randint(0, 64, (15, 2), generator=gen)
     batch = [_Example(None, kps, torch.randint(0, 64, (15, 2), generator=gen))]
     torch.manual_seed(seed)

@@ -72,10 +72,11 @@ def images_for(args, batch: int) -> int:
 
 def estimate(last: dict, images: int, largest: bool) -> float:
     """Seconds the next batch size will take: the last one's setup, plus its measured runs scaled by
-    images (conservative: larger batches are faster per image), x 1.5 with the breakdown runs."""
+    images (conservative: larger batches are faster per image); the breakdown's two extra runs (on
+    the largest batch size) count x 1.5, in the last one's time and in the next one's."""
     fixed = last.get("setup_seconds", 0.0)
     runs = max(0.0, last["wall_seconds"] - fixed) * images / last["images"]
-    return fixed + runs * (1.5 if largest and not last.get("breakdown") else 1.0)
+    return fixed + runs * (1.5 if largest else 1.0) / (1.5 if last.get("breakdown") else 1.0)
 
 
 def run_batch(args, batch: int, largest: bool, folder: Path) -> dict:

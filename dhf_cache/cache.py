@@ -360,9 +360,16 @@ class FeatureCache:
         return sum(len(self.timesteps) * l.channels * l.height * l.width * 2 for l in self.layers)
 
     @property
-    def latent_bytes_per_image(self) -> int:
-        latents = self._array("latents")
-        return int(np.prod(latents.shape[1:])) * latents.dtype.itemsize
+    def extra_bytes_per_image(self) -> int:
+        """Bytes of one image's entries beside its features (latent, done flag, size; a generated
+        image and seed), fixed-size arrays only: strings (errors, prompts) are small and variable."""
+        return sum(int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+                   for arr in self._per_image_arrays()[len(self.layers):] if arr.dtype.kind in "biuf")
+
+    @property
+    def files_per_image(self) -> int:
+        """Chunk files one image adds (one per per-image array): each rounds up to a disk block."""
+        return len(self._per_image_arrays())
 
     def info(self) -> dict[str, Any]:
         done = self.done_mask()

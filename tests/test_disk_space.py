@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
 from dhf_cache.cache import FeatureCache
 from dhf_cache.config import BuildSpec, CodecSpec, FeatureSpace, ModelIdentity, StorageSpec
-from dhf_cache.disk_space import bytes_per_image, check_free_space, human_bytes
+from dhf_cache.disk_space import bytes_per_image, check_free_space, disk_bytes_per_image, human_bytes
 from dhf_cache.errors import StorageError
 from dhf_cache.layers import LayerInfo
 from dhf_cache.storage import local_path, stored_bytes
@@ -29,7 +31,8 @@ def _empty_sd15_cache(path, codec: CodecSpec) -> FeatureCache:
 def test_estimate_is_methods_native_figure_and_halved_for_quant8(tmp_path):
     zstd = _empty_sd15_cache(tmp_path / "z.zarr", CodecSpec())
     assert zstd.raw_bytes_per_image == 156_794_880  # METHOD.md: SD 1.5, 512 px, 11 steps, fp16
-    assert bytes_per_image(zstd) == 156_794_880 + 4 * 4 * 64 * 64  # + the float32 latent
+    assert bytes_per_image(zstd) == 156_794_880 + 4 * 4 * 64 * 64 + 1 + 2 * 4  # + latent, done flag, size
+    assert zstd.files_per_image == 12 + 4  # a chunk per layer; latent, done, size, error
     quant8 = _empty_sd15_cache(tmp_path / "q.zarr", CodecSpec(name="quant8"))
     assert 0.5 * 156_794_880 < bytes_per_image(quant8) < 0.52 * 156_794_880
 
@@ -39,11 +42,16 @@ def test_estimate_bounds_what_a_build_stores(train_cache):
     n_done = int(cache.done_mask().sum())
     stored = stored_bytes(cache.group.store) / n_done  # everything: features, latents, flags, metadata
     assert stored <= bytes_per_image(cache) < 1.5 * stored
+    # what the build's chunk files take on disk, blocks rounded up (metadata exists before the check)
+    block = os.statvfs(train_cache).f_frsize
+    chunks = [p for p in Path(train_cache).rglob("*") if p.is_file() and p.name != "zarr.json"]
+    allocated = sum(p.stat().st_blocks * 512 for p in chunks) / n_done
+    assert allocated <= disk_bytes_per_image(cache, block)
 
 
 def test_a_build_that_cannot_fit_is_refused_before_it_starts(train_cache):
     cache = FeatureCache.open(train_cache)
-    per_image = bytes_per_image(cache)
+    per_image = disk_bytes_per_image(cache, os.statvfs(train_cache).f_frsize)
     free = shutil.disk_usage(local_path(train_cache)).free  # other processes move it a little: 2x margins
     lines = []
     with pytest.raises(StorageError) as err:

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from dhf_cache.cli.app import app, log, print_json, report_errors
-from dhf_cache.config import SD15_MODEL_ID, BuildOptions, CodecSpec, Preprocessing, StorageSpec
+from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, SD15_MODEL_ID, BuildOptions, CodecSpec, GenerationSpec,
+                              Preprocessing, StorageSpec)
 from dhf_cache.disk_space import human_bytes
 from dhf_cache.errors import UsageError
 
@@ -81,6 +82,10 @@ def _read_prompts(path: Path) -> tuple[str, ...]:
     return prompts
 
 
+# the config models' defaults, shown in --help and used: one source for METHOD.md's numbers
+_PRE, _GEN, _CODEC, _OPTS = Preprocessing(), GenerationSpec(), CodecSpec(), BuildOptions()
+
+
 @app.command(epilog=BUILD_EPILOG)
 @report_errors
 def build(
@@ -88,28 +93,28 @@ def build(
     dataset: Annotated[Optional[str], typer.Option(help="spair:PATH (SPair-71k layout), folder:PATH (all images below PATH) or pairs:FILE.json.")] = None,
     generate: Annotated[Optional[Path], typer.Option(help="Generation mode: a text file of prompts, one a line (instead of --dataset).")] = None,
     images_per_prompt: Annotated[int, typer.Option(min=1, help="Generation mode: images per prompt (seeds derive from prompt, variant and --seed).")] = 1,
-    guidance: Annotated[float, typer.Option(min=1.0, help="Generation mode: classifier-free guidance scale.")] = 7.5,
-    negative_prompt: Annotated[str, typer.Option(help="Generation mode: the negative prompt (the unconditional branch).")] = "",
+    guidance: Annotated[float, typer.Option(min=1.0, help="Generation mode: classifier-free guidance scale.")] = _GEN.guidance,
+    negative_prompt: Annotated[str, typer.Option(help="Generation mode: the negative prompt (the unconditional branch).")] = _GEN.negative_prompt,
     model: Annotated[str, typer.Option(help="Hub id (looked up in the local HF cache first) or a local pipeline folder.")] = SD15_MODEL_ID,
     split: Annotated[Optional[str], typer.Option(help="SPair split whose pairs' images to build (trn, val, test); all when omitted.")] = None,
-    load_size: Annotated[int, typer.Option(help="Images are first resized to LOAD_SIZE x LOAD_SIZE (PIL bilinear): the paper's 64/224/512.")] = 512,
-    image_size: Annotated[int, typer.Option(help="Model input size the loaded image is then upsampled to (512 for SD).")] = 512,
-    steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = 50,
+    load_size: Annotated[int, typer.Option(help="Images are first resized to LOAD_SIZE x LOAD_SIZE (PIL bilinear): the paper's 64/224/512.")] = _PRE.load_size,
+    image_size: Annotated[int, typer.Option(help="Model input size the loaded image is then upsampled to (512 for SD).")] = _PRE.image_size,
+    steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = DEFAULT_STEPS,
     save_steps: Annotated[Optional[str], typer.Option(help="Step indices to store, clean first (S-1 = cleanest). Default for 50 steps: 49,45,40,...,5,0.")] = None,
-    layers: Annotated[str, typer.Option(help="up (default: the 12 up-block resnets), down, mid, all, or comma-separated module names.")] = "up",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images that share each UNet call.")] = 1,
+    layers: Annotated[str, typer.Option(help="up (default: the 12 up-block resnets), down, mid, all, or comma-separated module names.")] = DEFAULT_LAYERS,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images that share each UNet call.")] = _OPTS.batch_size,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float16 on CUDA, float32 otherwise), float32, float16, bfloat16.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of the sampled VAE latents (each image's generator derives from seed and image id).")] = 0,
-    codec: Annotated[str, typer.Option(help="zstd (lossless, default); bitround (lossy: keep --keepbits mantissa bits, then zstd); quant8 (lossy: 8-bit codes per map, then zstd; ~2x smaller).")] = "zstd",
+    seed: Annotated[int, typer.Option(help="Seed of the sampled VAE latents (each image's generator derives from seed and image id).")] = _PRE.seed,
+    codec: Annotated[str, typer.Option(help="zstd (lossless, default); bitround (lossy: keep --keepbits mantissa bits, then zstd); quant8 (lossy: 8-bit codes per map, then zstd; ~2x smaller).")] = _CODEC.name,
     keepbits: Annotated[Optional[int], typer.Option(min=1, max=9, help="Mantissa bits kept by --codec bitround (fp16 has 10).")] = None,
-    zstd_level: Annotated[int, typer.Option(min=1, max=22, help="zstd compression level of stored chunks.")] = 3,
+    zstd_level: Annotated[int, typer.Option(min=1, max=22, help="zstd compression level of stored chunks.")] = _CODEC.level,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Build only the first N images (by id).")] = None,
     shard: Annotated[Optional[str], typer.Option(help="I/N: build the I-th (0-based) of N disjoint shards, e.g. a SLURM array's $SLURM_ARRAY_TASK_ID/N.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Build on dask.distributed: a scheduler address (tcp://host:8786) or local:N for N local worker processes (on a multi-GPU machine with --device cuda or auto: one GPU each, round robin).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads per process (CPU results depend on it at the last bit; clusters default to 1).")] = None,
     prepare_only: Annotated[bool, typer.Option(help="Create or check the cache and exit (run once before shards on object stores).")] = False,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).")] = 89_478_485,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels (decompression-bomb guard).")] = _OPTS.max_pixels,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options for remote caches.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,

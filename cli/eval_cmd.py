@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhf_cache.cli.app import app, log, print_json, report_errors
+from dhf_cache.config import EVAL_LOAD_SIZE, PCK_ALPHAS
 from dhf_cache.errors import UsageError
 
 EVAL_EPILOG = """
@@ -46,8 +47,8 @@ def eval_command(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Run folder (RUN uses best/, else last/; or RUN/last).")] = None,
     raw: Annotated[Optional[str], typer.Option(help="LAYER@T to score one raw cached map (T = UNet timestep), or 'best'.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    alpha: Annotated[str, typer.Option(help="Comma-separated PCK thresholds.")] = "0.05,0.1,0.15",
-    load_size: Annotated[int, typer.Option(min=8, help="Descriptors are upsampled to LOAD_SIZE^2 (the paper: 224).")] = 224,
+    alpha: Annotated[str, typer.Option(help="Comma-separated PCK thresholds.")] = ",".join(f"{a:g}" for a in PCK_ALPHAS),
+    load_size: Annotated[int, typer.Option(min=8, help="Descriptors are upsampled to LOAD_SIZE^2 (the paper: 224).")] = EVAL_LOAD_SIZE,
     refine: Annotated[str, typer.Option(help="none (hard argmax, the paper) or window-softargmax.")] = "none",
     limit_per_category: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N pairs of each category.")] = None,
     skip_missing: Annotated[bool, typer.Option(help="Score the pairs whose images are built; skip the rest.")] = False,

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhf_cache.cli.app import app, log, print_json, report_errors
+from dhf_cache.config import EVAL_LOAD_SIZE
 from dhf_cache.errors import UsageError
 
 MATCH_EPILOG = """
@@ -62,7 +63,7 @@ def match(
     model: Annotated[Optional[str], typer.Option(help="Backbone (hub id or folder); default: the one the checkpoint's cache was built with. Must be the same weights.")] = None,
     points: Annotated[Optional[str], typer.Option(help='Points on A as "x,y;x,y;..." in A\'s pixels.')] = None,
     grid: Annotated[Optional[int], typer.Option(min=1, help="Without --points: an N x N grid of points over A (default 5).")] = None,
-    load_size: Annotated[int, typer.Option(min=1, help="Matching resolution: descriptor maps are upsampled to it (eval's 224).")] = 224,
+    load_size: Annotated[int, typer.Option(min=1, help="Matching resolution: descriptor maps are upsampled to it (eval's 224).")] = EVAL_LOAD_SIZE,
     refine: Annotated[str, typer.Option(help="none (hard argmax, as eval) or window-softargmax.")] = "none",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the point lists as JSON on stdout.")] = False,

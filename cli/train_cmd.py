@@ -44,6 +44,7 @@ def _split_ints(text: str | None, option: str) -> tuple[int, ...] | None:
         raise UsageError(f"{option} {text!r}: expected comma-separated UNet timesteps such as -1,60,160") from None
 
 
+DEFAULTS = TrainOptions()  # the CLI shows and uses the config's defaults (METHOD.md's numbers)
 LOADER_WAIT_HINT = 0.2  # above this share of the loop waiting for reads, the summary suggests a wider loader
 
 
@@ -53,20 +54,20 @@ def train(
     cache: Annotated[str, typer.Option(help="Cache URL built by `dhf-cache build`.")],
     dataset: Annotated[str, typer.Option(help="spair:PATH (or pairs:FILE.json) with the keypoint pairs.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, config.json, metrics.jsonl.")],
-    split: Annotated[str, typer.Option(help="Training split.")] = "trn",
-    val_split: Annotated[str, typer.Option(help="Validation split ('' for none).")] = "val",
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 5000,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (weight decay 0, no schedule).")] = 1e-3,
-    pairs_per_step: Annotated[int, typer.Option(min=1, help="Pairs per step (the paper: 1).")] = 1,
+    split: Annotated[str, typer.Option(help="Training split.")] = DEFAULTS.split,
+    val_split: Annotated[str, typer.Option(help="Validation split ('' for none).")] = DEFAULTS.val_split or "",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = DEFAULTS.steps,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (weight decay 0, no schedule).")] = DEFAULTS.lr,
+    pairs_per_step: Annotated[int, typer.Option(min=1, help="Pairs per step (the paper: 1).")] = DEFAULTS.pairs_per_step,
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated cached layers to use (default: all).")] = None,
     timesteps: Annotated[Optional[str], typer.Option(help="Comma-separated UNet t of cached steps to use (default: all).")] = None,
-    projection_dim: Annotated[int, typer.Option(min=4, help="Descriptor channels P.")] = 384,
-    output_size: Annotated[int, typer.Option(min=1, help="Descriptor grid side (maps are resized to it).")] = 64,
-    norm_groups: Annotated[int, typer.Option(min=1, help="GroupNorm groups; must divide projection_dim / 4.")] = 32,
-    val_every: Annotated[int, typer.Option(min=1, help="Validate and checkpoint every N steps.")] = 1000,
-    val_pairs_per_category: Annotated[int, typer.Option(min=1, help="Validation pairs per category.")] = 20,
-    val_load_size: Annotated[int, typer.Option(min=8, help="Load size of validation PCK (as eval).")] = 224,
-    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the pair order.")] = 0,
+    projection_dim: Annotated[int, typer.Option(min=4, help="Descriptor channels P.")] = DEFAULTS.projection_dim,
+    output_size: Annotated[int, typer.Option(min=1, help="Descriptor grid side (maps are resized to it).")] = DEFAULTS.output_size,
+    norm_groups: Annotated[int, typer.Option(min=1, help="GroupNorm groups; must divide projection_dim / 4.")] = DEFAULTS.norm_groups,
+    val_every: Annotated[int, typer.Option(min=1, help="Validate and checkpoint every N steps.")] = DEFAULTS.val_every,
+    val_pairs_per_category: Annotated[int, typer.Option(min=1, help="Validation pairs per category.")] = DEFAULTS.val_pairs_per_category,
+    val_load_size: Annotated[int, typer.Option(min=8, help="Load size of validation PCK (as eval).")] = DEFAULTS.val_load_size,
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the pair order.")] = DEFAULTS.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     skip_missing: Annotated[bool, typer.Option(help="Train on the pairs whose images are built; skip the rest.")] = False,

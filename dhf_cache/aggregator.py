@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dhf_cache.config import DESCRIPTOR_GRID, NORM_GROUPS, PROJECTION_DIM
 from dhf_cache.errors import UsageError
 from dhf_cache.layers import LayerInfo
 
@@ -51,7 +52,7 @@ class BottleneckBlock(nn.Module):
     as in the reference; otherwise the input is added as is.
     """
 
-    def __init__(self, in_channels: int, bottleneck_channels: int, out_channels: int, num_groups: int = 32):
+    def __init__(self, in_channels: int, bottleneck_channels: int, out_channels: int, num_groups: int = NORM_GROUPS):
         super().__init__()
         _check_dims(in_channels, bottleneck_channels, out_channels, num_groups)
         self.in_channels = in_channels
@@ -99,7 +100,7 @@ class BottleneckBlock(nn.Module):
         return F.relu(out + identity)
 
 
-def bottleneck_parameter_count(in_channels: int, projection_dim: int = 384) -> int:
+def bottleneck_parameter_count(in_channels: int, projection_dim: int = PROJECTION_DIM) -> int:
     """Parameters of one block: 480*C + 121,728 at P=384 (C != P)."""
     p4 = projection_dim // 4
     count = in_channels * p4 + 2 * p4  # conv1 + GN
@@ -110,7 +111,7 @@ def bottleneck_parameter_count(in_channels: int, projection_dim: int = 384) -> i
     return count
 
 
-def parameter_count(layers: Sequence[LayerInfo], projection_dim: int = 384, n_timesteps: int | None = None) -> int:
+def parameter_count(layers: Sequence[LayerInfo], projection_dim: int = PROJECTION_DIM, n_timesteps: int | None = None) -> int:
     """Bottleneck parameters of a network over `layers`, plus L*T mixing weights if T is given."""
     total = sum(bottleneck_parameter_count(layer.channels, projection_dim) for layer in layers)
     if n_timesteps is not None:
@@ -129,9 +130,9 @@ class AggregationNetwork(nn.Module):
         self,
         layers: Sequence[LayerInfo],
         n_timesteps: int,
-        projection_dim: int = 384,
-        output_size: int = 64,
-        num_groups: int = 32,
+        projection_dim: int = PROJECTION_DIM,
+        output_size: int = DESCRIPTOR_GRID,
+        num_groups: int = NORM_GROUPS,
     ):
         super().__init__()
         layers = tuple(layers)

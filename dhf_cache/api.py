@@ -21,7 +21,7 @@ from PIL import Image
 
 from dhf_cache.cache import FeatureCache
 from dhf_cache.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
-from dhf_cache.config import Preprocessing
+from dhf_cache.config import EVAL_LOAD_SIZE, Preprocessing
 from dhf_cache.descriptors import aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CacheError, CheckpointError, UsageError
@@ -135,7 +135,7 @@ class Hyperfeatures:
             raise CacheError(f"image {image_id!r}: listed in {cache_url} but not built yet; rerun its `dhf-cache build`")
         return aggregate(self.checkpoint.network, reader.read(index), self.device)
 
-    def match(self, image_a: ImageLike, image_b: ImageLike, points=None, load_size: int = 224, grid: int = 5,
+    def match(self, image_a: ImageLike, image_b: ImageLike, points=None, load_size: int = EVAL_LOAD_SIZE, grid: int = 5,
               refine: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Nearest-neighbour matches of points on A in B, as eval matches keypoints.
 

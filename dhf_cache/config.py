@@ -16,6 +16,11 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # METHOD.md: saved inversion step indices (49 = cleanest), stored clean first.
 SD15_SAVE_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)
 DEFAULT_STEPS = 50
+DEFAULT_LAYERS = "up"  # METHOD.md: the 12 up-block resnets
+EVAL_LOAD_SIZE = 224  # METHOD.md: the paper tests at load size 224 (descriptors upsampled to it)
+PCK_ALPHAS = (0.05, 0.1, 0.15)  # METHOD.md reports alpha = 0.1; its neighbours are customary
+PROJECTION_DIM, DESCRIPTOR_GRID, NORM_GROUPS = 384, 64, 32  # METHOD.md: 384 x 64 x 64 descriptors, GN(32)
+MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit
 
 
 class Frozen(BaseModel):
@@ -136,7 +141,7 @@ class BuildOptions(Frozen):
 
     batch_size: int = Field(1, ge=1)
     device: str = "cpu"
-    max_pixels: int = Field(89_478_485, ge=1)  # PIL's decompression-bomb limit
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
     limit: int | None = Field(None, ge=1)
     progress: bool = True
     shard: tuple[int, int] | None = None  # (i, n): build the i-th (0-based) of n disjoint shards
@@ -188,11 +193,11 @@ class TrainOptions(Frozen):
     pairs_per_step: int = Field(1, ge=1)
     layers: tuple[str, ...] | None = None  # None: every layer the cache holds
     timesteps: tuple[int, ...] | None = None  # UNet t values; None: every stored step
-    projection_dim: int = Field(384, ge=4)
-    output_size: int = Field(64, ge=1)  # the descriptor grid (METHOD.md: 64)
-    norm_groups: int = Field(32, ge=1)  # GroupNorm groups (METHOD.md: 32); must divide projection_dim / 4
+    projection_dim: int = Field(PROJECTION_DIM, ge=4)
+    output_size: int = Field(DESCRIPTOR_GRID, ge=1)  # the descriptor grid side
+    norm_groups: int = Field(NORM_GROUPS, ge=1)  # GroupNorm groups; must divide projection_dim / 4
     val_every: int = Field(1000, ge=1)
     val_pairs_per_category: int = Field(20, ge=1)
-    val_load_size: int = Field(224, ge=8)
+    val_load_size: int = Field(EVAL_LOAD_SIZE, ge=8)
     seed: int = 0
     skip_missing: bool = False

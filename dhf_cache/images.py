@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dhf_cache.config import MAX_PIXELS
 from dhf_cache.errors import ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -34,7 +35,7 @@ def _open_header(path: Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def load_image(path: str | Path, max_pixels: int = 89_478_485) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open `path` as an upright 8-bit RGB image, or raise `ImageError` saying why not.
 
     The returned image's size is the size every coordinate refers to (after EXIF rotation).

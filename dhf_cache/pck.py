@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dhf_cache.config import PCK_ALPHAS
 from dhf_cache.errors import UsageError
 from dhf_cache.points import as_points
 
-DEFAULT_ALPHAS = (0.05, 0.1, 0.15)
+DEFAULT_ALPHAS = PCK_ALPHAS
 KINDS = ("bbox", "img")
 COUNTERS = ("empty_pairs", "invalid_gt_points", "invalid_pred_points", "gt_outside_image",
             "pred_outside_image", "invalid_bbox_pairs", "invalid_size_pairs")

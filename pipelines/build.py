@@ -19,7 +19,8 @@ import torch
 from dhf_cache.backbone import DTYPES, load_backbone
 from dhf_cache.cache import FeatureCache
 from dhf_cache.capture import resolve_layers
-from dhf_cache.config import BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, GenerationSpec, Preprocessing, StorageSpec
+from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, GenerationSpec,
+                              Preprocessing, StorageSpec)
 from dhf_cache.datasets import Dataset, ImageRecord
 from dhf_cache.device import resolve_device
 from dhf_cache.disk_space import check_free_space
@@ -40,9 +41,9 @@ class BuildRequest:
     prompts: tuple[str, ...] | None = None  # generation mode: one line of the prompts file each
     images_per_prompt: int = 1
     generation: GenerationSpec | None = None
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     save_steps: tuple[int, ...] | None = None
-    layers: str | tuple[str, ...] = "up"
+    layers: str | tuple[str, ...] = DEFAULT_LAYERS
     preprocessing: Preprocessing = Preprocessing()
     dtype: str = "auto"
     storage: StorageSpec = StorageSpec()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dhf_cache.config import BuildOptions, Preprocessing, TrainOptions
+from dhf_cache.config import EVAL_LOAD_SIZE, BuildOptions, Preprocessing, TrainOptions
 from dhf_cache.datasets import open_dataset
 from dhf_cache.pipelines.build import BuildRequest, BuildResult, run_build
 from dhf_cache.pipelines.evaluate import EvalRequest, EvalResult, run_eval
@@ -26,7 +26,7 @@ class DemoSettings:
     image_size: int
     train: TrainOptions
     inversion_steps: int = 50
-    eval_load_size: int = 224
+    eval_load_size: int = EVAL_LOAD_SIZE
 
     def quicker(self, image_size: int | None, inversion_steps: int | None, train_steps: int | None) -> DemoSettings:
         """The same demo with smaller settings (for a quick look, or the test suite)."""

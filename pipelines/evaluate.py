@@ -20,6 +20,7 @@ import torch
 
 from dhf_cache.cache import FeatureCache
 from dhf_cache.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
+from dhf_cache.config import EVAL_LOAD_SIZE, PCK_ALPHAS
 from dhf_cache.datasets import Dataset, PairRecord, open_dataset
 from dhf_cache.descriptor_store import DescriptorStore
 from dhf_cache.descriptors import LRUDescriptors, aggregate
@@ -42,8 +43,8 @@ class EvalRequest:
     checkpoint: Path | None = None
     raw: str | None = None
     split: str = "test"
-    alphas: tuple[float, ...] = (0.05, 0.1, 0.15)
-    load_size: int = 224
+    alphas: tuple[float, ...] = PCK_ALPHAS
+    load_size: int = EVAL_LOAD_SIZE
     refine: str = "none"
     limit_per_category: int | None = None
     skip_missing: bool = False

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dhf_cache.api import Hyperfeatures, check_points, grid_points
+from dhf_cache.config import EVAL_LOAD_SIZE
 from dhf_cache.errors import UsageError
 from dhf_cache.images import load_image
 from dhf_cache.matching import parse_refine
@@ -30,7 +31,7 @@ class MatchRequest:
     model: str | None = None
     points: tuple[tuple[float, float], ...] | None = None  # [x, y] in A's pixels; None: a grid
     grid: int = 5
-    load_size: int = 224
+    load_size: int = EVAL_LOAD_SIZE
     refine: str = "none"
     device: str = "auto"
 

@@ -58,6 +58,9 @@ def test_parameter_count_sd15():
     net = AggregationNetwork(SD15_LAYERS, n_timesteps=11)
     assert n_params(net) == 6_529_536 + 132
     assert net.mixing_weights.shape == (132,)
+    norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 4 * 12 and {m.num_groups for m in norms} == {32}  # GroupNorm(32) in every block
+    assert (net.projection_dim, net.output_size) == (384, 64)  # 384 x 64 x 64 descriptors by default
     assert parameter_count(SD15_LAYERS) == 6_529_536
     assert parameter_count(SD15_LAYERS, n_timesteps=11) == 6_529_536 + 132
 

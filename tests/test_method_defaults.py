@@ -14,8 +14,8 @@ import typer
 
 from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
 from dhf_cache.cli.app import app
-from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, EVAL_LOAD_SIZE, PCK_ALPHAS, SD15_SAVE_STEPS, BuildOptions,
-                              CodecSpec, GenerationSpec, Preprocessing, SchedulerSpec, TrainOptions, default_save_steps)
+from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, EVAL_LOAD_SIZE, PCK_ALPHAS, SD15_MODEL_ID, SD15_SAVE_STEPS,
+                              BuildOptions, CodecSpec, GenerationSpec, Preprocessing, SchedulerSpec, TrainOptions, default_save_steps)
 from dhf_cache.pck import PCKAccumulator
 from dhf_cache.pipelines.build import BuildRequest
 from dhf_cache.pipelines.evaluate import EvalRequest
@@ -40,6 +40,7 @@ def test_training_defaults_are_the_reference_run():
 
 
 def test_build_defaults_are_the_reference_inversion():
+    assert SD15_MODEL_ID == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the old runwayml id is gone
     s = SchedulerSpec()
     assert (s.beta_start, s.beta_end, s.beta_schedule, s.num_train_timesteps, s.steps_offset) == (
         0.00085, 0.012, "scaled_linear", 1000, 0)
@@ -71,6 +72,7 @@ def test_train_cli_defaults_are_the_config_defaults():
 def test_build_cli_defaults_are_the_config_defaults():
     cli = cli_defaults("build")
     p, g, c, b = Preprocessing(), GenerationSpec(), CodecSpec(), BuildOptions()
+    assert cli["model"] == SD15_MODEL_ID
     assert (cli["load_size"], cli["image_size"], cli["seed"]) == (p.load_size, p.image_size, p.seed)
     assert (cli["steps"], cli["layers"], cli["save_steps"]) == (DEFAULT_STEPS, DEFAULT_LAYERS, None)
     assert (cli["guidance"], cli["negative_prompt"]) == (g.guidance, g.negative_prompt)

@@ -85,6 +85,10 @@ def test_run_folder_holds_what_the_issue_names(trained, train_cache):
     assert (trained / "last" / "optimizer.safetensors").is_file()
     state = json.loads((trained / "last" / "state.json").read_text())
     assert state["step"] == 120 and state["best_step"] in (60, 120)
+    # AdamW (decoupled weight decay; torch < 2.6 names no such key) with torch's betas and eps, as Ref
+    group = state["optimizer_param_groups"][0]
+    assert group.get("decoupled_weight_decay", True) is True and group["weight_decay"] == 0
+    assert tuple(group["betas"]) == (0.9, 0.999) and group["eps"] == 1e-8 and group["lr"] == 3e-3
     vals = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines() if '"val"' in l]
     assert [v["step"] for v in vals] == [60, 120]
     assert 0 <= vals[-1]["val"]["bbox@0.1"]["per_point"] <= 1

@@ -25,11 +25,12 @@ def ce(cosines, label, temperature=0.07):
 
 
 def test_grid_keypoints_scale_clip_round():
-    kps = [[100, 50], [0, 0], [199.9, 99.9], [-3, 5], [50, 25.2]]
+    kps = [[100, 50], [0, 0], [199.9, 99.9], [-3, 5], [50, 25.2], [150, 75]]
     got = grid_keypoints(kps, image_size=(200, 100), grid=64)
-    # x * 64/200, y * 64/100, clipped to [0, 63], rounded
+    # x * 64/200, y * 64/100, clipped to [0, 63], rounded; the last one tells 64/W from 63/W
+    # (150 * 63/200 = 47.25), which the others cannot (dev/method_mutations.py: kps.scale)
     assert got.dtype == torch.long
-    assert got.tolist() == [[32, 32], [0, 0], [63, 63], [0, 3], [16, 16]]
+    assert got.tolist() == [[32, 32], [0, 0], [63, 63], [0, 3], [16, 16], [48, 48]]
 
 
 def test_grid_keypoints_round_half_to_even_as_numpy():

@@ -19,10 +19,10 @@ from dhf_cache.checkpoint import load_checkpoint
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
 from dhf_cache.config import TrainOptions
-from dhf_cache.datasets import open_dataset
+from dhf_cache.datasets import PairRecord, open_dataset
 from dhf_cache.descriptors import network_descriptors
 from dhf_cache.feature_loader import FeatureReader, default_loader_workers, select_features
-from dhf_cache.pipelines.train import PairSchedule
+from dhf_cache.pipelines.train import PairSchedule, pick_val_pairs
 from dhf_cache.scoring import score_pairs
 
 runner = CliRunner()
@@ -221,6 +221,22 @@ def test_pair_order_is_a_function_of_seed_and_step():
     assert sorted(first_epoch) == list(range(10))  # every pair once per epoch
     assert sum(order[5:], []) != first_epoch  # a new permutation each epoch
     assert [PairSchedule(10, 2, seed=1)(s) for s in range(1, 6)] != order[:5]
+
+
+
+def test_validation_takes_up_to_20_pairs_of_each_category():
+    def pair(cat: str, i: int) -> PairRecord:
+        kps = np.zeros((1, 2))
+        return PairRecord(f"{cat}-{i}", cat, "a", "b", kps, kps, (0, 0, 1, 1), (0, 0, 1, 1), (8, 8), (8, 8))
+
+    pairs = [pair(c, i) for c, n in (("cat", 30), ("dog", 5), ("bus", 21)) for i in range(n)]
+    picked = pick_val_pairs(pairs, TrainOptions().val_pairs_per_category, seed=0)
+    counts = {c: sum(p.category == c for p in picked) for c in ("bus", "cat", "dog")}
+    assert counts == {"bus": 20, "cat": 20, "dog": 5}  # 18 SPair categories x 20 = the paper's 360
+    names = [p.name for p in picked]
+    assert len(set(names)) == 45 and all(any(p is q for q in pairs) for p in picked)
+    again, other = pick_val_pairs(pairs, 20, seed=0), pick_val_pairs(pairs, 20, seed=1)
+    assert [p.name for p in again] == names != [p.name for p in other]  # fixed by the seed
 
 
 def test_training_never_imports_diffusers(tmp_path, train_cache, train_data):

@@ -11,7 +11,7 @@ from dhf_cache.cli.app import app, log, print_json, report_errors
 from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, SD15_MODEL_ID, BuildOptions, CodecSpec, GenerationSpec,
                               Preprocessing, StorageSpec)
 from dhf_cache.disk_space import human_bytes
-from dhf_cache.errors import UsageError
+from dhf_cache.errors import UsageError, invalid_values
 
 BUILD_EPILOG = """
 **Examples**
@@ -137,11 +137,11 @@ def build(
     try:
         preprocessing = Preprocessing(load_size=load_size, image_size=image_size, seed=seed)
     except ValueError as exc:
-        raise UsageError(f"--load-size/--image-size: {exc.errors()[0]['msg']}") from None
+        raise UsageError(invalid_values(exc)) from None
     try:
         codec_spec = CodecSpec(name=codec, level=zstd_level, keepbits=keepbits)
     except ValueError as exc:
-        raise UsageError(f"--codec {codec} --keepbits {keepbits}: {exc.errors()[0]['msg']}") from None
+        raise UsageError(f"--codec {codec} --keepbits {keepbits}: {invalid_values(exc)}") from None
     request = BuildRequest(
         dataset=open_dataset(dataset) if dataset is not None else None,
         cache_url=cache,
@@ -165,7 +165,7 @@ def build(
                                progress=progress, shard=_parse_shard(shard), threads=threads,
                                prepare_only=prepare_only)
     except ValueError as exc:
-        raise UsageError(f"--shard {shard}: {exc.errors()[0]['msg']}") from None
+        raise UsageError(invalid_values(exc)) from None
     if scheduler is not None:
         from dhf_cache.pipelines.distributed import run_distributed_build
 

@@ -9,7 +9,7 @@ import typer
 
 from dhf_cache.cli.app import app, log, print_json, report_errors
 from dhf_cache.config import TrainOptions
-from dhf_cache.errors import UsageError
+from dhf_cache.errors import UsageError, invalid_values
 
 TRAIN_EPILOG = """
 **Examples**
@@ -88,7 +88,7 @@ def train(
             val_load_size=val_load_size, seed=seed, skip_missing=skip_missing,
         )
     except ValueError as exc:
-        raise UsageError(f"train options: {exc}") from None
+        raise UsageError(invalid_values(exc)) from None
     request = TrainRequest(cache_url=cache, dataset=dataset, out=out, options=options, device=device, resume=resume,
                            storage_options=parse_storage_options(storage_options), progress=progress,
                            loader_workers=loader_workers)

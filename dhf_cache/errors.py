@@ -6,6 +6,27 @@ Each message names the bad value and says what to do about it.
 from __future__ import annotations
 
 
+def invalid_values(exc: Exception) -> str:
+    """A pydantic ValidationError as `--option VALUE: reason` per bad field, on one line.
+
+    pydantic's own text spans lines and ends in a documentation URL: not a message for a user
+    who typed `--lr -1`. Field names map to the CLI's option names (`val_every` -> `--val-every`);
+    model-level checks have no field and keep only their reason.
+    """
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for error in errors():
+        reason = str(error.get("msg", "")).removeprefix("Value error, ")
+        loc = [str(part) for part in error.get("loc", ())]
+        if loc:
+            parts.append(f"--{loc[-1].replace('_', '-')} {error.get('input')!r}: {reason}")
+        else:
+            parts.append(reason)
+    return "; ".join(parts) or str(exc)
+
+
 class DhfCacheError(Exception):
     """Root of every error dhf-cache reports to a user."""
 

@@ -24,7 +24,7 @@ from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, BuildOptions, Build
 from dhf_cache.datasets import Dataset, ImageRecord
 from dhf_cache.device import resolve_device
 from dhf_cache.disk_space import check_free_space
-from dhf_cache.errors import DhfCacheError, ImageError, StorageError, UsageError
+from dhf_cache.errors import DhfCacheError, ImageError, StorageError, UsageError, invalid_values
 from dhf_cache.extract import ExtractedImage, FeatureExtractor
 from dhf_cache.images import load_image, preprocess
 from dhf_cache.progress import progress_bar
@@ -74,7 +74,7 @@ def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity
         space = FeatureSpace(model=identity, steps=request.steps, save_steps=save_steps, layers=extractor_layers,
                              source=source, generation=request.generation if source == "generation" else None)
     except ValueError as exc:
-        raise UsageError(f"--steps {request.steps} / --save-steps {list(save_steps)}: {exc}") from None
+        raise UsageError(f"--steps {request.steps} / --save-steps {list(save_steps)}: {invalid_values(exc)}") from None
     return BuildSpec(
         feature_space=space,
         preprocessing=request.preprocessing,

@@ -26,7 +26,7 @@ from dhf_cache.config import TrainOptions
 from dhf_cache.datasets import PairRecord, open_dataset
 from dhf_cache.descriptors import LRUDescriptors, network_descriptors
 from dhf_cache.device import resolve_device
-from dhf_cache.errors import CheckpointError, TrainingError
+from dhf_cache.errors import CheckpointError, TrainingError, UsageError
 from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, select_features
 from dhf_cache.fingerprint import spec_differences
 from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
@@ -156,7 +156,10 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         candidates = pick_val_pairs(dataset.pairs(opts.val_split), opts.val_pairs_per_category, opts.seed)
         val_pairs, val_skipped = usable_pairs(candidates, index, done, opts.skip_missing, "validation", hint)
         skipped.update({f"val_{k}": v for k, v in val_skipped.items()})
-    elif opts.val_split:
+    elif opts.val_split and opts.val_split != TrainOptions().val_split:  # a split asked for by name
+        raise UsageError(f"--val-split {opts.val_split!r}: {request.dataset} has no such split; it has "
+                         f"{', '.join(dataset.splits) or 'none'} (or '' to train without validation)")
+    elif opts.val_split:  # the default, on a data set without it (e.g. pairs: with one split)
         log(f"no {opts.val_split!r} split in {request.dataset}: training without validation")
 
     device = resolve_device(request.device)

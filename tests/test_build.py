@@ -209,6 +209,22 @@ def test_info_estimates_the_disk_a_build_still_needs(tmp_path, mini_spair, tiny_
     assert stored <= before["bytes_to_finish_estimate"]  # the estimate was an upper bound
 
 
+
+def test_bad_options_name_the_option_without_pydantics_dump(tmp_path, mini_spair, tiny_model_dir):
+    def refused(*changes: str) -> str:
+        args = small_build_args(f"spair:{mini_spair}", tmp_path / "c.zarr", tiny_model_dir)
+        for option, value in zip(changes[::2], changes[1::2]):
+            args[args.index(option) + 1] = value
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert "pydantic" not in result.output and "validation error" not in result.output
+        return result.output
+
+    assert "--image-size 60: image_size must be a multiple of 8" in refused("--image-size", "60")
+    assert "--save-steps [12, 3]: save_steps [12] outside 0..9 for 10 steps" in refused("--save-steps", "12,3")
+    assert not (tmp_path / "c.zarr").exists()  # nothing created for a refused build
+
+
 def test_one_step_variant(tmp_path, mini_spair, tiny_model_dir):
     cache = tmp_path / "onestep.zarr"
     args = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "trn")

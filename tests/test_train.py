@@ -130,6 +130,17 @@ def test_existing_run_needs_resume(tmp_path, train_cache, train_data):
     assert result.exit_code == 1 and "pass --resume" in result.output
 
 
+
+def test_bad_options_say_which_option_without_pydantics_dump(tmp_path, train_cache, train_data):
+    result = invoke(*train_args(train_cache, train_data, tmp_path / "r", "--lr", "-1"))
+    assert result.exit_code == 2 and "error: --lr -1.0: Input should be greater than 0" in result.output
+    assert "pydantic" not in result.output and "validation error" not in result.output
+    # a validation split asked for by name must exist (the default 'val' may be absent: a warning)
+    result = invoke(*train_args(train_cache, train_data, tmp_path / "r", "--val-split", "vall"))
+    assert result.exit_code == 2 and "--val-split 'vall'" in result.output and "trn, val, test" in result.output
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
 def test_resume_with_another_network_or_feature_space_is_refused(tmp_path, train_cache, train_data, tiny_model_dir, mini_spair):
     out = tmp_path / "run"
     assert invoke(*train_args(train_cache, train_data, out, "--steps", "1")).exit_code == 0

@@ -101,8 +101,14 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     pairs = _check_images(pairs, cache, request)
     if not pairs:
         raise EvaluationError(f"no pairs to evaluate in split {request.split!r} of {request.dataset}")
-    request.out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    # a bad --checkpoint or --raw is refused before the output folder or a progress bar appears
+    if request.checkpoint is not None:
+        ckpt = load_checkpoint(request.checkpoint, resolve_device(request.device))
+        notes += _check_checkpoint(ckpt, cache, request.checkpoint)
+    elif request.raw != "best":
+        layer, position = parse_raw(request.raw, cache)
+    request.out.mkdir(parents=True, exist_ok=True)
     options = {
         "split": request.split, "alphas": list(request.alphas), "load_size": request.load_size,
         "refine": request.refine, "limit_per_category": request.limit_per_category,
@@ -115,8 +121,6 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     # the raw sweep has its own bar (per map); a per-pair bar beside it would sit at 0
     bar = progress_bar(len(pairs), "match", unit="pair", enabled=request.progress and request.raw != "best")
     if request.checkpoint is not None:
-        ckpt = load_checkpoint(request.checkpoint, resolve_device(request.device))
-        notes += _check_checkpoint(ckpt, cache, request.checkpoint)
         provider, descriptor_counts, note = _checkpoint_descriptors(ckpt, cache, pairs, request, log)
         notes += note
         options["descriptor"] = f"checkpoint {request.checkpoint}"
@@ -129,7 +133,6 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         accumulator, predictions, raw_table, best = _raw_sweep(cache, pairs, request, refine, log)
         options["descriptor"] = f"raw best: {best}"
     else:
-        layer, position = parse_raw(request.raw, cache)
         provider = LRUDescriptors(_raw_provider(cache, layer, position), capacity=64)
         options["descriptor"] = f"raw {request.raw}"
         accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,

@@ -115,13 +115,17 @@ def test_raw_best_sweeps_every_layer_and_timestep(tmp_path, cache_copy, train_da
 
 
 def test_unknown_raw_layer_or_step_lists_the_valid_ones(tmp_path, cache_copy, train_data):
-    result = invoke(*eval_args(cache_copy, train_data, tmp_path, "--raw", "up_blocks.9.resnets.0@300"))
+    out = tmp_path / "out"
+    result = invoke(*eval_args(cache_copy, train_data, out, "--raw", "up_blocks.9.resnets.0@300"))
     assert result.exit_code == 1
     assert "up_blocks.3.resnets.2" in result.output and "timesteps: -1, 300, 800" in result.output
-    result = invoke(*eval_args(cache_copy, train_data, tmp_path, "--raw", "up_blocks.0.resnets.0@260"))
+    result = invoke(*eval_args(cache_copy, train_data, out, "--raw", "up_blocks.0.resnets.0@260"))
     assert result.exit_code == 1 and "timestep 260 is not in the cache" in result.output
-    result = invoke(*eval_args(cache_copy, train_data, tmp_path))
+    result = invoke(*eval_args(cache_copy, train_data, out))
     assert result.exit_code == 1 and "exactly one of --checkpoint" in result.output
+    result = invoke(*eval_args(cache_copy, train_data, out, "--checkpoint", tmp_path / "no-run"))
+    assert result.exit_code == 1 and "no config.json there" in result.output
+    assert not out.exists()  # refused before the output folder was made
 
 
 def test_checkpoint_from_another_feature_space_is_refused_other_load_size_is_noted(
@@ -137,6 +141,7 @@ def test_checkpoint_from_another_feature_space_is_refused_other_load_size_is_not
     assert result.exit_code == 1
     assert "does not fit the cache" in result.output and "save_steps" in result.output
     assert "timesteps [300]: not in the cache" in result.output
+    assert not (tmp_path / "x").exists()
 
     other_load = tmp_path / "load48.zarr"
     assert build(other_load, "9,5,0", "48").exit_code == 0

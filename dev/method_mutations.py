@@ -5,8 +5,8 @@ Why: the project promises that every number in METHOD.md "has a test that would 
 changed". Reading the tests cannot prove that; changing the code can. Each mutation below edits
 one exact snippet (it must occur exactly once, so a refactor that moves it is reported as
 "stale" rather than silently skipped), runs the listed test files with `pytest -x`, and restores
-the file whatever happens. Not part of `make test` (it runs the suite dozens of times: ~30-60
-min on 2 cores); run it after changing the method's code:
+the file whatever happens. Not part of `make test` (it runs test files ~75 times: 17 min on 2
+cores); run it after changing the method's code (results: docs/faithfulness.md):
 
     .venv/bin/python dev/method_mutations.py                 # all, table on stdout
     .venv/bin/python dev/method_mutations.py --only inv.t0,loss.temp --out /tmp/audit.md

@@ -35,7 +35,6 @@ from dhf_cache.config import PCK_ALPHAS
 from dhf_cache.errors import UsageError
 from dhf_cache.points import as_points
 
-DEFAULT_ALPHAS = PCK_ALPHAS
 KINDS = ("bbox", "img")
 COUNTERS = ("empty_pairs", "invalid_gt_points", "invalid_pred_points", "gt_outside_image",
             "pred_outside_image", "invalid_bbox_pairs", "invalid_size_pairs")
@@ -88,7 +87,7 @@ class PairResult:
 class PCKAccumulator:
     """Collects pairs one at a time; `summary()` gives every averaging, labelled."""
 
-    def __init__(self, alphas: Iterable[float] = DEFAULT_ALPHAS):
+    def __init__(self, alphas: Iterable[float] = PCK_ALPHAS):
         alphas = tuple(float(a) for a in alphas)
         bad = [a for a in alphas if not (math.isfinite(a) and a > 0)]
         if not alphas or bad:

@@ -9,7 +9,7 @@
    before the clock starts, as a training run does once). Alongside, plain sequential reads of
    the same chunk files (`open().read()`, no decoding), as stored MB/s: the loader's
    stored-bytes rate over it is what decoding, checksums and tensors cost. Local reads take
-   dhf-cache's direct path (dhf_cache/direct_reads.py); S3 reads go through zarr.
+   dhf-cache's direct path (dhf_cache/direct_chunks.py); S3 reads go through zarr.
 
 The last line prints the 2-vs-1-worker ratio.
 """

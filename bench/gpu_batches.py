@@ -33,9 +33,10 @@ REFERENCE_GB_BATCH_2 = 13.7
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-sizes", default="2,8,1,4",
-                   help="comma-separated, run in this order (default 2,8,1,4: the reference's batch and the "
-                        "largest first, in case --budget-seconds stops early); the table is sorted")
+    p.add_argument("--batch-sizes", default=os.environ.get("DHF_BENCH_GPU_BATCHES", "2,8,1,4"),
+                   help="comma-separated, run in this order (default $DHF_BENCH_GPU_BATCHES or 2,8,1,4: the "
+                        "reference's batch and the largest first, in case --budget-seconds stops early); "
+                        "the table is sorted")
     p.add_argument("--model", default="sd15", choices=["sd15", "tiny"], help="default sd15 (random weights)")
     p.add_argument("--device", default="cuda", help="default cuda")
     p.add_argument("--dtype", default="float16", help="default float16")

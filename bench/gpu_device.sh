@@ -8,7 +8,9 @@
 #                                    # copy docs/benchmarks.md, the JSONs and the log to $OUT
 #
 # With the device tool: run(command="bash bench/gpu_device.sh run", carry=[".whl"], timeout_s=590),
-# then give_back, then copy the returned benchmarks.md over docs/benchmarks.md here.
+# then give_back, then copy the returned benchmarks.md over docs/benchmarks.md here. A shorter run:
+# DHF_DEVICE_ONLY=gpu (benchmarks), DHF_BENCH_GPU_BATCHES=8,4 and DHF_BENCH_GPU_BUDGET=200 (seconds),
+# DHF_DEVICE_TESTS='pinned or cuda_build' (pytest -k), DHF_DEVICE_DEADLINE=300 (seconds in all).
 #
 # The device image ('cuda', python3 = Python 3.12 with torch, transformers 5.x, huggingface_hub 1.x,
 # numpy, scikit-image, matplotlib, typer ...; /work/.library/device/KINDS.md) lacks diffusers,
@@ -82,13 +84,14 @@ run)
     out=${OUT:-bench-out}
     mkdir -p "$out"
     install /tmp/site
-    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    export PYTHONSAFEPATH=1  # python3 -c / -m must import the installed wheel, not the source folder
+    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    # not PYTHONSAFEPATH here: bench/*.py import bench/_common.py from their own folder; only
+    # pytest below needs it (python3 -m must import the installed wheel, not the source folder)
     preflight 2>&1 | tee "$out/gpu.log"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/gpu.log" || true
     rc=0
     # the benchmarks first (the figures), then the CUDA tests in the time that is left
-    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-350} python3 bench/run_all.py --only gpu-train,gpu 2>&1 \
+    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-350} python3 bench/run_all.py --only "${DHF_DEVICE_ONLY:-gpu-train,gpu}" 2>&1 \
         | tee -a "$out/gpu.log" || rc=$?
     cp docs/benchmarks.md "$out/benchmarks.md"
     for f in gpu gpu-train; do
@@ -97,7 +100,8 @@ run)
     left=$((deadline - SECONDS))
     if ((left > 60)); then
         echo "== CUDA tests (tests/test_cuda.py, the CUDA test of tests/test_matching.py; ${left} s left)" | tee -a "$out/gpu.log"
-        timeout "$left" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_matching.py -k cuda 2>&1 \
+        PYTHONSAFEPATH=1 timeout "$left" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_matching.py \
+            -k "${DHF_DEVICE_TESTS:-cuda}" 2>&1 \
             | tee -a "$out/gpu.log" || rc=$?
     else
         echo "== CUDA tests skipped: ${left} s left" | tee -a "$out/gpu.log"

@@ -19,7 +19,7 @@ Then:
   process's own), for N steps at the default size: `Prefetcher.wait_seconds / loop seconds`, and
   the step time with the real loader against the same run with every image's features preloaded
   in memory (`FeatureReader` swapped for a dict), and with the real loader reading every chunk
-  through zarr (`DHF_CACHE_DIRECT_READS=0`, what it did before direct_reads.py), interleaved;
+  through zarr (`DHF_CACHE_DIRECT_READS=0`, what it did before direct_chunks.py), interleaved;
 - a projection to SD 1.5: one SD 1.5-config UNet call (random weights, 64x64 latent, batch 2),
   one network step at the paper's size on SD 1.5's layer table (random fp16 features of the
   right shapes, 11 timesteps), and the read of two SD 1.5-sized images (2 x 157 MB) from a Zarr

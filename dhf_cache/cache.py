@@ -21,13 +21,14 @@ import datetime as _dt
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dhf_cache import __version__
 from dhf_cache.config import FORMAT_VERSION, BuildSpec
-from dhf_cache.direct_reads import DirectArray, direct_array, read_chunk
+from dhf_cache.direct_chunks import DirectArray, direct_array, read_chunk, write_chunk
 from dhf_cache.disk_space import bytes_per_image
 from dhf_cache.errors import CacheError, SpecMismatchError, UsageError
 from dhf_cache.layers import LayerInfo
@@ -47,9 +48,22 @@ GENERATED = "generated"
 PER_IMAGE_ARRAYS = ("latents", "done", "sizes", "errors")
 GENERATED_ARRAYS = ("images", "prompts", "seeds")
 IDS_CHUNK = 4096
-# Feature reads of local default-codec caches bypass zarr's read path (direct_reads.py); set
-# DHF_CACHE_DIRECT_READS=0 to read every chunk through zarr (benchmarks compare the two).
+# Feature reads and writes of local default-codec caches bypass zarr's chunk path
+# (direct_chunks.py); DHF_CACHE_DIRECT_READS=0 / DHF_CACHE_DIRECT_WRITES=0 send every chunk
+# through zarr (benchmarks compare the two).
 DIRECT_READS = os.environ.get("DHF_CACHE_DIRECT_READS", "1") != "0"
+DIRECT_WRITES = os.environ.get("DHF_CACHE_DIRECT_WRITES", "1") != "0"
+_WRITE_POOL: ThreadPoolExecutor | None = None
+
+
+def _write_pool() -> ThreadPoolExecutor:
+    """Threads that compress and write feature chunks (shared; zstd releases the GIL)."""
+    global _WRITE_POOL
+    if _WRITE_POOL is None:
+        from dhf_cache.feature_loader import usable_cores
+
+        _WRITE_POOL = ThreadPoolExecutor(max(2, min(12, usable_cores())), thread_name_prefix="dhf-cache-write")
+    return _WRITE_POOL
 
 
 def _compressors(spec: BuildSpec):
@@ -300,7 +314,14 @@ class FeatureCache:
                     clear_failure: bool = True) -> None:
         """Write every array of one image concurrently, then its `done` flag (so a crash never
         half-counts it). `clear_failure=False` skips rewriting an `errors` entry known empty."""
-        writes = [(self.feature_array(l.name), image.features[l.name]) for l in self.layers]
+        direct, writes = [], []
+        use_direct = DIRECT_WRITES and not self.group.store.read_only  # read-only: zarr raises
+        for layer in self.layers:  # local default-codec chunks straight to their files, in parallel
+            target = self._direct_array(layer.name, use_direct)
+            if target is not None:
+                direct.append(_write_pool().submit(write_chunk, target, index, image.features[layer.name]))
+            else:
+                writes.append((self.feature_array(layer.name), image.features[layer.name]))
         writes += [(self._array("latents"), image.latent), (self._array("sizes"), np.asarray(size, dtype=np.int32))]
         if clear_failure:
             writes.append((self._array("errors"), np.asarray("", dtype=object)))
@@ -308,7 +329,13 @@ class FeatureCache:
             writes += [(self._array(f"{GENERATED}/images"), image.image),
                        (self._array(f"{GENERATED}/prompts"), np.asarray(image.prompt, dtype=object)),
                        (self._array(f"{GENERATED}/seeds"), np.asarray(image.seed, dtype=np.int64))]
-        _run_concurrently([arr.async_array.setitem(index, value) for arr, value in writes])
+        try:
+            _run_concurrently([arr.async_array.setitem(index, value) for arr, value in writes])
+        finally:
+            errors = [f.exception() for f in direct]  # waits for every chunk, failed or not
+        for error in errors:
+            if error is not None:
+                raise error
         self._array("done")[index] = True
 
     def record_failure(self, index: int, message: str) -> None:
@@ -325,8 +352,8 @@ class FeatureCache:
         per-call overhead on small chunks)."""
         names = list(layers or [l.name for l in self.layers])
         found = {}
-        for name in names:  # local default-codec chunks straight from their files (direct_reads.py)
-            target = self._direct_array(name)
+        for name in names:  # local default-codec chunks straight from their files (direct_chunks.py)
+            target = self._direct_array(name, DIRECT_READS)
             chunk = read_chunk(target, index) if target is not None else None
             if chunk is not None:
                 found[name] = chunk
@@ -338,9 +365,11 @@ class FeatureCache:
             chunks = [np.ascontiguousarray(c[list(positions)]) for c in chunks]
         return dict(zip(names, chunks))
 
-    def _direct_array(self, layer: str) -> DirectArray | None:
+    def _direct_array(self, layer: str, enabled: bool) -> DirectArray | None:
+        if not enabled:
+            return None
         if layer not in self._direct:
-            self._direct[layer] = direct_array(self.feature_array(layer)) if DIRECT_READS else None
+            self._direct[layer] = direct_array(self.feature_array(layer))
         return self._direct[layer]
 
     def read_latent(self, index: int) -> np.ndarray:

@@ -49,3 +49,16 @@ def test_every_stage_runs_on_cuda(tmp_path):
     assert verify.returncode == 0, verify.stdout[-2000:]
     metrics = json.loads((work / "eval" / "trained" / "metrics.json").read_text())
     assert metrics["n_pairs"] == 30
+
+
+def test_features_reach_the_host_through_pinned_memory_unchanged():
+    from dhf_cache.extract import to_host
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    on_gpu = {"a": torch.randn(2, 11, 8, 4, 4, device="cuda", generator=gen).half(),
+              "b": torch.randn(2, 11, 3, 16, 16, device="cuda", generator=gen).half()}
+    for _ in range(2):  # the second batch reuses the caching host allocator's blocks
+        host = to_host(on_gpu)
+        for name, tensor in on_gpu.items():
+            assert host[name].device.type == "cpu" and host[name].is_pinned()
+            assert torch.equal(host[name], tensor.cpu())

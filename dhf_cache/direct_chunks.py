@@ -7,8 +7,9 @@ needs (bench/train_speed.py: step time with the real loader vs features preloade
 Why, writes: zarr's write path copies each chunk several times under the GIL (buffers, the
 checksum appended with np.append); on a GPU the main thread holds the GIL launching kernels,
 and the one writer thread fell behind the UNet: SD 1.5 at batch 8 on an H200 stored 1.41
-images/s against 3.99 for the bare inversion (docs/benchmarks.md). Here zstd, crc32c and the
-file write all release the GIL and the layers of an image are written in parallel threads.
+images/s against 3.99 for the bare inversion; with this module and pinned D2H copies, 3.78
+against 5.03 (docs/benchmarks.md, "GPU"). Here zstd, crc32c and the file write all release
+the GIL, and the layers of an image are written in parallel threads.
 
 What: the one chunk layout and codec chain dhf-cache writes by default (docs/cache-format.md):
 Zarr v3, default chunk keys with "/" (`c/<image>/0/0/0/0`), one image per chunk, float16,
@@ -17,7 +18,7 @@ checksum test as zarr's codec. Arrays stored otherwise (bitround, quant8, other 
 object store) are not touched, and a chunk this module cannot read (missing file, checksum
 mismatch, short data) is left to zarr, so errors and fill values stay zarr's.
 Writes produce the bytes zarr writes (same codec, level, checksum; temp file + rename, as
-zarr's LocalStore), except that an all-zero chunk is stored rather than left out.
+zarr's LocalStore; feature arrays have write_empty_chunks, so zarr too stores all-zero chunks).
 tests/test_direct_chunks.py checks equality with zarr, array by array, both ways.
 """
 

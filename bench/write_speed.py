@@ -138,8 +138,8 @@ def main(argv=None) -> int:
             results[key] = {"direct_seconds": times["direct"], "zarr_seconds": times["zarr"],
                             "direct_mb_per_s": raw_mb * args.images / d, "zarr_mb_per_s": raw_mb * args.images / z,
                             "direct_over_zarr_throughput": z / d}
-            label = "with a GIL-holding thread" if load else "writer alone          "
-            print(f"{label}: direct {d / args.images * 1000:6.0f} ms/image ({raw_mb * args.images / d:5.0f} MB/s), "
+            label = "beside a GIL-holding thread" if load else "writer alone"
+            print(f"{label:<27}: direct {d / args.images * 1000:6.0f} ms/image ({raw_mb * args.images / d:5.0f} MB/s), "
                   f"zarr {z / args.images * 1000:6.0f} ms/image ({raw_mb * args.images / z:5.0f} MB/s): "
                   f"direct {z / d:.2f}x as fast (medians of {args.repeats})")
     print(f"peak RSS {peak_rss_mb():.0f} MiB")

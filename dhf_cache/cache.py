@@ -66,6 +66,15 @@ def _write_pool() -> ThreadPoolExecutor:
     return _WRITE_POOL
 
 
+def _forget_write_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there when needed."""
+    global _WRITE_POOL
+    _WRITE_POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_write_pool)
+
+
 def _compressors(spec: BuildSpec):
     import zarr.codecs as zc
 

@@ -4,7 +4,9 @@ writes (the build writer's hot path) must store exactly the bytes zarr stores.""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,33 @@ def _image_of(url, index):
 
     cache = FeatureCache.open(str(url))
     return ExtractedImage(cache.read_latent(index), cache.read_features(index), None)
+
+
+def test_a_forked_child_writes_with_its_own_threads(tmp_path, train_cache):
+    """The write pool's threads do not survive fork: a child must not wait on them forever."""
+    url = tmp_path / "copy.zarr"
+    shutil.copytree(train_cache, url)
+    cache = FeatureCache.open(str(url), mode="r+")
+    image = _image_of(train_cache, 1)
+    cache.write_image(1, image, (64, 64))  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: write another image, exit 0 if it landed
+        code = 1
+        try:
+            child = FeatureCache.open(str(url), mode="r+")
+            child._array("done")[4] = False
+            child.write_image(4, image, (64, 64))
+            code = 0 if FeatureCache.open(str(url)).done_mask()[4] else 3
+        finally:
+            os._exit(code)
+    for _ in range(600):  # up to 60 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the forked child hung writing an image")
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(FeatureCache.open(str(url)).read_features(4)[cache.layers[0].name],
+                                  image.features[cache.layers[0].name])

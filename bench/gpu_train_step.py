@@ -9,7 +9,10 @@ Measured in one process, on random weights and features (nothing is downloaded):
               with 1, 2 and the default number of reader threads
     unet      one SD 1.5-config UNet call at batch 2 on a 64x64 latent in fp16 (median of several)
     step      `_train_step` of `dhf-cache train` at P=384, 64x64, GroupNorm 32 on SD 1.5's layer
-              table (6.5M parameters, fp32 weights, fp16 inputs moved to the device each step)
+              table (6.5M parameters, fp32 weights, fp16 inputs staged in reused host buffers and moved each step)
+    transfer  the step's first lines alone: a pair's features stacked and moved to the device,
+              afresh (pageable, as before StepInputs), through reused pinned buffers (StepInputs,
+              what the step does), and image by image with the stack on the device
     describe  the aggregator's forward pass for one image in eval mode (what eval stores per image)
 The reference recomputes both images' features every step: 50 UNet calls at batch 2 + the step.
 Training from the cache: read + step, or max(read, step) with the loader's prefetch overlapping.
@@ -107,7 +110,7 @@ def unet_call(args, device: torch.device, memory: GpuMemory) -> dict:
 
 def network(args, device: torch.device, memory: GpuMemory) -> dict:
     from dhf_cache.aggregator import AggregationNetwork
-    from dhf_cache.pipelines.train import _Example, _train_step
+    from dhf_cache.pipelines.train import StepInputs, _Example, _train_step
 
     layers = sd15_layers()
     gen = torch.Generator().manual_seed(args.seed)
@@ -120,15 +123,17 @@ def network(args, device: torch.device, memory: GpuMemory) -> dict:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     net.train()
     times, losses = [], []
+    staging = StepInputs(device)  # as run_train: host buffers reused from step to step
     memory.reset()
     for i in range(args.steps + 2):  # 2 warm-up steps
         synchronize(device)
         start = time.perf_counter()
-        losses.append(_train_step(net, opt, batch, feats, device))  # float(loss) synchronises
+        losses.append(_train_step(net, opt, batch, feats, device, staging))  # float(loss) synchronises
         synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
     step_peak = memory.peak_mb()
+    transfer = input_transfer(net.layer_names, feats, device)
     net.eval()
     describe = []
     memory.reset()
@@ -147,7 +152,49 @@ def network(args, device: torch.device, memory: GpuMemory) -> dict:
     gc.collect()
     return {"network_step_seconds": median(times), "network_steps": times, "losses": losses, "parameters": n_params,
             "peak_gpu_mb_train_step": step_peak, "describe_seconds_per_image": median(describe),
-            "peak_gpu_mb_describe": describe_peak}
+            "peak_gpu_mb_describe": describe_peak, **transfer}
+
+
+def input_transfer(names, feats, device: torch.device, repeats: int = 5) -> dict:
+    """What the step spends moving a pair's features to the device (its first lines): stacking
+    into fresh pageable memory + copy (what `_train_step` did before `StepInputs`), vs a pinned
+    staging buffer reused from step to step (what `StepInputs` does), vs copying each image's (already touched)
+    memory and stacking on the device. On the CPU all three are just a stack: fresh memory in
+    the first and third, a reused buffer in the second."""
+    def pageable():
+        return {n: torch.stack([img[n] for pair in feats for img in pair]).to(device, non_blocking=True) for n in names}
+
+    pinned_buffers = {}
+
+    def pinned():
+        out = {}
+        for n in names:
+            parts = [img[n] for pair in feats for img in pair]
+            if n not in pinned_buffers:
+                pinned_buffers[n] = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype,
+                                                pin_memory=device.type == "cuda")
+            torch.stack(parts, out=pinned_buffers[n])
+            out[n] = pinned_buffers[n].to(device, non_blocking=True)
+        return out
+
+    def per_image():  # no host-side stack: each image's tensor copied, stacked on the device
+        return {n: torch.stack([img[n].to(device, non_blocking=True) for pair in feats for img in pair])
+                for n in names}
+
+    times = {"pageable": [], "pinned": [], "per_image": []}
+    for i in range(repeats + 1):  # the first of each unmeasured
+        for name, fn in (("pageable", pageable), ("pinned", pinned), ("per_image", per_image)):
+            synchronize(device)
+            start = time.perf_counter()
+            moved = fn()
+            synchronize(device)
+            if i:
+                times[name].append(time.perf_counter() - start)
+            del moved
+    nbytes = sum(img[n].numel() * img[n].element_size() for pair in feats for img in pair for n in names)
+    return {"input_bytes_per_step": nbytes, "input_transfer_seconds_pageable": median(times["pageable"]),
+            "input_transfer_seconds_pinned": median(times["pinned"]),
+            "input_transfer_seconds_per_image": median(times["per_image"])}
 
 
 def loader_widths(url: Path, raw_bytes: int, reads: int = 16) -> list[dict]:
@@ -195,6 +242,11 @@ def main(argv=None) -> int:
     print(f"training step ({net['parameters']:,} parameters, {args.keypoints} keypoints): "
           f"{net['network_step_seconds'] * 1000:.1f} ms (median of {args.steps}); peak GPU memory "
           f"{fmt_mb(net['peak_gpu_mb_train_step'])}; loss {net['losses'][0]:.3f} -> {net['losses'][-1]:.3f}", flush=True)
+    print(f"  of which moving the pair's inputs ({net['input_bytes_per_step'] / 1e6:.0f} MB) to the device: "
+          f"{net['input_transfer_seconds_pageable'] * 1000:.1f} ms stacked afresh + pageable copy (before StepInputs); "
+          f"{net['input_transfer_seconds_pinned'] * 1000:.1f} ms through a reused (pinned) buffer (StepInputs); "
+          f"{net['input_transfer_seconds_per_image'] * 1000:.1f} ms copying each image and stacking on the device",
+          flush=True)
     print(f"descriptor pass for one image (eval): {net['describe_seconds_per_image'] * 1000:.1f} ms; peak GPU memory "
           f"{fmt_mb(net['peak_gpu_mb_describe'])}", flush=True)
     results = {**read, **net, "device": card, "config": {k: v for k, v in vars(args).items()}}

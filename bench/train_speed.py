@@ -189,9 +189,10 @@ class Setting:
         """`len(steps)` real training steps, features through FeatureReader + Prefetcher as
         run_train's loop (a fresh Prefetcher, started inside the timed region)."""
         from dhf_cache.feature_loader import Prefetcher
-        from dhf_cache.pipelines.train import _train_step
+        from dhf_cache.pipelines.train import StepInputs, _train_step
 
         reader, index = self.reader, self.index
+        staging = StepInputs(self.device)  # as run_train
 
         def load(step: int):
             batch = self.examples(step, grid)
@@ -201,16 +202,17 @@ class Setting:
         net.train()
         start = time.perf_counter()
         prefetcher = Prefetcher(load, steps, 4, 2)
-        losses = [_train_step(net, opt, batch, feats, self.device) for _, batch, feats in prefetcher]
+        losses = [_train_step(net, opt, batch, feats, self.device, staging) for _, batch, feats in prefetcher]
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "per_step": seconds / len(steps), "wait": prefetcher.wait_seconds,
                 "loss": float(np.mean(losses))}
 
     def reference_block(self, net, opt, steps: list[int], grid: int) -> dict:
         """The same steps with both images' features from the inversion, batched together."""
-        from dhf_cache.pipelines.train import _train_step
+        from dhf_cache.pipelines.train import StepInputs, _train_step
 
         net.train()
+        staging = StepInputs(self.device)  # the same step as the cache's
         extract_s = 0.0
         losses = []
         start = time.perf_counter()
@@ -224,7 +226,7 @@ class Setting:
                 extract_s += time.perf_counter() - t0
                 feats.append(tuple({name: torch.from_numpy(r.features[name]) for name in self.selection.layer_names}
                                    for r in results))
-            losses.append(_train_step(net, opt, batch, feats, self.device))
+            losses.append(_train_step(net, opt, batch, feats, self.device, staging))
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "per_step": seconds / len(steps), "extract": extract_s,
                 "loss": float(np.mean(losses))}

@@ -62,3 +62,16 @@ def test_features_reach_the_host_through_pinned_memory_unchanged():
         for name, tensor in on_gpu.items():
             assert host[name].device.type == "cpu" and host[name].is_pinned()
             assert torch.equal(host[name], tensor.cpu())
+
+
+def test_step_inputs_stage_through_pinned_buffers():
+    from dhf_cache.pipelines.train import StepInputs
+
+    gen = torch.Generator().manual_seed(0)
+    feats = [({"a": torch.randn(2, 3, 4, 4, generator=gen).half()}, {"a": torch.randn(2, 3, 4, 4, generator=gen).half()})]
+    staging = StepInputs("cuda")
+    for _ in range(2):
+        moved = staging(["a"], feats)["a"]
+        assert moved.device.type == "cuda"
+        assert torch.equal(moved.cpu(), torch.stack([feats[0][0]["a"], feats[0][1]["a"]]))
+    assert staging._buffers["a"].is_pinned()

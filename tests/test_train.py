@@ -268,3 +268,39 @@ def test_training_never_imports_diffusers(tmp_path, train_cache, train_data):
 def test_train_options_are_validated():
     with pytest.raises(ValueError):
         TrainOptions(steps=0)
+
+
+def test_step_inputs_reuse_their_buffers_and_train_the_same_weights():
+    """Staging buffers kept across steps: same values as a fresh stack, same weights after 3 steps,
+    and no new allocation per step (a new shape gets a new buffer)."""
+    from dhf_cache.aggregator import AggregationNetwork
+    from dhf_cache.layers import LayerInfo
+    from dhf_cache.pipelines.train import StepInputs, _Example, _train_step
+
+    layers = [LayerInfo("a", 6, 4, 4), LayerInfo("b", 3, 8, 8)]
+    gen = torch.Generator().manual_seed(0)
+
+    def image():
+        return {l.name: torch.randn(2, l.channels, l.height, l.width, generator=gen).half() for l in layers}
+
+    steps = [[(image(), image())] for _ in range(3)]
+    batch = [_Example(None, torch.tensor([[1, 2], [5, 7]]), torch.tensor([[3, 3], [6, 0]]))]
+    weights, losses = {}, {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        net = AggregationNetwork(layers, 2, 16, 8, 4)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        staging = StepInputs("cpu") if reuse else None
+        losses[reuse] = [_train_step(net, opt, batch, feats, "cpu", staging) for feats in steps]
+        weights[reuse] = [p.detach().clone() for p in net.parameters()]
+    assert losses[True] == losses[False]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+
+    staging = StepInputs("cpu")
+    first = staging(["a", "b"], steps[0])
+    pointers = {name: t.data_ptr() for name, t in first.items()}
+    second = staging(["a", "b"], steps[1])
+    assert {name: t.data_ptr() for name, t in second.items()} == pointers  # reused, not reallocated
+    assert torch.equal(second["b"], torch.stack([steps[1][0][0]["b"], steps[1][0][1]["b"]]))
+    two_pairs = staging(["a"], steps[0] + steps[1])
+    assert two_pairs["a"].shape[0] == 4 and two_pairs["a"].data_ptr() != pointers["a"]

@@ -24,6 +24,7 @@ Training from the cache: read + step, or max(read, step) with the loader's prefe
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -161,21 +162,12 @@ def input_transfer(names, feats, device: torch.device, repeats: int = 5) -> dict
     staging buffer reused from step to step (what `StepInputs` does), vs copying each image's (already touched)
     memory and stacking on the device. On the CPU all three are just a stack: fresh memory in
     the first and third, a reused buffer in the second."""
+    from dhf_cache.pipelines.train import StepInputs
+
     def pageable():
         return {n: torch.stack([img[n] for pair in feats for img in pair]).to(device, non_blocking=True) for n in names}
 
-    pinned_buffers = {}
-
-    def pinned():
-        out = {}
-        for n in names:
-            parts = [img[n] for pair in feats for img in pair]
-            if n not in pinned_buffers:
-                pinned_buffers[n] = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype,
-                                                pin_memory=device.type == "cuda")
-            torch.stack(parts, out=pinned_buffers[n])
-            out[n] = pinned_buffers[n].to(device, non_blocking=True)
-        return out
+    pinned = functools.partial(StepInputs(device), names, feats)  # the step's own staging
 
     def per_image():  # no host-side stack: each image's tensor copied, stacked on the device
         return {n: torch.stack([img[n].to(device, non_blocking=True) for pair in feats for img in pair])

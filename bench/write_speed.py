@@ -19,6 +19,7 @@ Last line: direct / zarr write throughput, without and with the GIL-holding thre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import threading
@@ -89,13 +90,7 @@ def write_run(work: Path, images: list, direct: bool, load: bool, tag: str) -> f
     saved = cache_mod.DIRECT_WRITES
     cache_mod.DIRECT_WRITES = direct
     try:
-        if load:
-            with GilLoad():
-                start = time.perf_counter()
-                for i, image in enumerate(images):
-                    cache.write_image(i, image, (512, 512))
-                seconds = time.perf_counter() - start
-        else:
+        with GilLoad() if load else contextlib.nullcontext():
             start = time.perf_counter()
             for i, image in enumerate(images):
                 cache.write_image(i, image, (512, 512))

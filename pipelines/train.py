@@ -266,9 +266,9 @@ class StepInputs:
         return out
 
 
-def _train_step(network, optimizer, batch: list[_Example], feats, device, inputs: StepInputs | None = None) -> float:
-    """One optimizer step on `batch` (`inputs`: reused staging buffers; None stacks afresh)."""
-    inputs = (inputs or StepInputs(device))(network.layer_names, feats)
+def _train_step(network, optimizer, batch: list[_Example], feats, device, staging: StepInputs | None = None) -> float:
+    """One optimizer step on `batch` (`staging`: buffers reused across steps; None stacks afresh)."""
+    inputs = (staging or StepInputs(device))(network.layer_names, feats)
     desc = network(inputs)  # (2 * pairs, P, S, S): src, trg, src, trg, ...
     loss = sum(
         symmetric_ce_loss(desc[2 * i], desc[2 * i + 1], e.src_kps, e.trg_kps) for i, e in enumerate(batch)

@@ -80,6 +80,14 @@ def report_errors(func: Callable) -> Callable:
     return wrapper
 
 
+def before_compute() -> None:
+    """First call of every command that computes with torch, before anything imports it: how
+    its OpenMP threads wait depends on whether other processes keep the CPU busy (openmp.py)."""
+    from dhf_cache.openmp import settle_wait_policy
+
+    settle_wait_policy(log)
+
+
 def log(message: str) -> None:
     typer.echo(message, err=True)
 

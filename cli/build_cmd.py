@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, log, print_json, report_errors
+from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors
 from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, SD15_MODEL_ID, BuildOptions, CodecSpec, GenerationSpec,
                               Preprocessing, StorageSpec)
 from dhf_cache.disk_space import human_bytes
@@ -121,6 +121,7 @@ def build(
 ) -> None:
     """Invert every image once (or generate images from prompts) and store all its layer x
     timestep feature maps in a Zarr cache."""
+    before_compute()
     from dhf_cache.config import GenerationSpec
     from dhf_cache.datasets import open_dataset
     from dhf_cache.pipelines.build import BuildRequest, run_build

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, log, report_errors
+from dhf_cache.cli.app import app, before_compute, log, report_errors
 
 DEMO_EPILOG = """
 **Examples**
@@ -33,6 +33,7 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Build, train and evaluate on the embedded sample data; print trained vs best raw PCK."""
+    before_compute()
     from dhf_cache.pipelines.demo import REAL, TINY, comparison_lines, run_demo
 
     settings = (TINY if model is None else REAL).quicker(image_size, inversion_steps, train_steps)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, log, print_json, report_errors
+from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors
 from dhf_cache.config import EVAL_LOAD_SIZE, PCK_ALPHAS
 from dhf_cache.errors import UsageError
 
@@ -55,10 +55,12 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     drawings: Annotated[int, typer.Option(min=0, help="Correspondence drawings of the first N pairs.")] = 6,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: one per usable core). On a CPU shared with other work, fewer threads can be faster.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
 ) -> None:
     """Score keypoint pairs by PCK from cached descriptors (a checkpoint) or raw cached maps."""
+    before_compute()
     from dhf_cache.pipelines.evaluate import EvalRequest, run_eval
     from dhf_cache.storage import parse_storage_options
 
@@ -70,6 +72,7 @@ def eval_command(
         cache_url=cache, dataset=dataset, out=out, checkpoint=checkpoint, raw=raw, split=split, alphas=alphas,
         load_size=load_size, refine=refine, limit_per_category=limit_per_category, skip_missing=skip_missing,
         device=device, storage_options=parse_storage_options(storage_options), progress=progress, drawings=drawings,
+        threads=threads,
     )
     result = run_eval(request, log=log)
     metrics = result.metrics

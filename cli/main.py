@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import gc
 
 from dhf_cache.cli import build_cmd, demo_cmd, eval_cmd, match_cmd, tools_cmd, train_cmd  # noqa: F401  (registers commands)
 from dhf_cache.cli.app import app
 
 
 def main() -> None:
-    # OpenMP threads that spin while waiting made CPU runs 10-50x slower on a shared machine
-    # (bench/README.md); torch reads this at import, which happens later, inside the commands.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+    # torch is imported inside the commands, after each compute command has chosen how its
+    # OpenMP threads wait (dhf_cache/openmp.py): nothing here may import it.
+    try:
+        app()
+    finally:
+        # The interpreter's last garbage collections walk every object torch and diffusers made
+        # (~1 s per command on a 2-core CPU, docs/benchmarks.md). Every file and store is closed
+        # by now and atexit handlers still run; only cyclic garbage is left to the OS.
+        gc.freeze()
 
 
 if __name__ == "__main__":

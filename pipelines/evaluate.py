@@ -52,6 +52,7 @@ class EvalRequest:
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
     drawings: int = 6
+    threads: int | None = None  # torch intra-op threads (None: torch's own choice)
 
 
 @dataclass
@@ -94,6 +95,8 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     if (request.checkpoint is None) == (request.raw is None):
         raise EvaluationError("give exactly one of --checkpoint RUN or --raw LAYER@T|best")
     started = time.perf_counter()
+    if request.threads:
+        torch.set_num_threads(request.threads)
     refine = parse_refine(request.refine)
     cache = _open_cache(request)
     dataset = open_dataset(request.dataset)

@@ -48,6 +48,7 @@ class TrainRequest:
     progress: bool = True
     prefetch: int | None = None  # steps read ahead (None: Prefetcher's default, loader_workers + 2)
     loader_workers: int | None = None  # reader threads (None: Prefetcher's default, default_loader_workers())
+    threads: int | None = None  # torch intra-op threads (None: torch's own choice; CPU results depend on it)
 
 
 @dataclass
@@ -61,7 +62,8 @@ class TrainResult:
     best_val: float | None
     best_step: int | None
     last_val: float | None
-    seconds: float
+    seconds: float  # the whole run, setup included
+    loop_seconds: float  # the training loop: steps, validations, checkpoints
     loader_wait_seconds: float
     peak_rss_mb: float
     loader_workers: int
@@ -142,6 +144,8 @@ def features_binding(cache: FeatureCache, selection: FeatureSelection) -> dict:
 def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> TrainResult:
     opts = request.options
     started = time.perf_counter()
+    if request.threads:
+        torch.set_num_threads(request.threads)
     cache = FeatureCache.open(request.cache_url, request.storage_options)
     dataset = open_dataset(request.dataset)
     selection = select_features(cache, opts.layers, opts.timesteps)
@@ -235,7 +239,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         run=request.out, start_step=start_step, end_step=max(step, start_step), n_pairs=len(train_pairs),
         skipped=skipped, final_loss=float(np.mean(losses[-50:])) if losses else None,
         best_val=best["best_val"], best_step=best["best_step"], last_val=last_val,
-        seconds=time.perf_counter() - started, loader_wait_seconds=min(prefetcher.wait_seconds, loop_seconds),
+        seconds=time.perf_counter() - started, loop_seconds=loop_seconds, loader_wait_seconds=min(prefetcher.wait_seconds, loop_seconds),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=prefetcher.workers,
     )
 

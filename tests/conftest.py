@@ -17,7 +17,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (see cli/main.py)
+# OpenMP's wait policy is left as the user's (or CI's) environment has it: the CLI's compute
+# commands choose theirs from the CPU's load (dhf_cache/openmp.py), and this process keeps libgomp's.
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -192,3 +192,13 @@ def test_degenerate_keypoints_and_boxes_are_counted_not_fatal(tmp_path, train_da
     assert metrics["skipped"]["gt_outside_image"] == 1
     assert metrics["categories"]["dog"]["bbox@0.1"]["per_point"] is None  # only a degenerate box
     assert metrics["categories"]["dog"]["img@0.1"]["n_points"] == 1
+
+
+def test_threads_option_sets_torchs_threads(tmp_path, cache_copy, train_data):
+    before = torch.get_num_threads()
+    try:
+        result = invoke(*eval_args(cache_copy, train_data, tmp_path, "--raw", "up_blocks.3.resnets.1@300", "--threads", "1"))
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -304,3 +304,17 @@ def test_step_inputs_reuse_their_buffers_and_train_the_same_weights():
     assert torch.equal(second["b"], torch.stack([steps[1][0][0]["b"], steps[1][0][1]["b"]]))
     two_pairs = staging(["a"], steps[0] + steps[1])
     assert two_pairs["a"].shape[0] == 4 and two_pairs["a"].data_ptr() != pointers["a"]
+
+
+def test_threads_option_sets_torchs_threads_and_json_has_the_loop_time(tmp_path, train_cache, train_data):
+    before = torch.get_num_threads()
+    try:
+        result = invoke(*train_args(train_cache, train_data, tmp_path / "run", "--steps", "2", "--val-split", "",
+                                    "--threads", "1", "--json"))
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert 0 < summary["loop_seconds"] <= summary["seconds"]
+    assert summary["steps_per_second"] == pytest.approx(2 / summary["loop_seconds"], rel=0.01)

@@ -181,3 +181,74 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------ whole processes, side by side
+@contextmanager
+def competing_load(processes: int):
+    """`processes` single-threaded busy loops (another user's work) running while the block runs."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        if procs:
+            time.sleep(0.5)  # running, not starting up
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def timed_process(command: list[str], env: dict[str, str], cwd: str | Path | None = None) -> tuple[float, dict | None]:
+    """Wall seconds of a whole process (start-up, imports and exit included) and the JSON object
+    on the last line of its stdout, if there is one. A failed process ends the benchmark."""
+    import subprocess
+
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, command))} failed with exit code {proc.returncode}:\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return wall, json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        try:  # a pretty-printed object (dhf-cache --json) spans every line
+            return wall, json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            return wall, None
+
+
+def interleaved_processes(variants: dict[str, Callable[[int], list[str]]], env: dict[str, str], repeats: int,
+                          load: int = 0, figure: Callable[[str, float, dict | None], float] | None = None) -> dict:
+    """Each variant's command (a function of the repetition) as a whole process, `repeats` times
+    in ABBA order beside `load` busy processes; `figure(variant, wall, json)` picks the number
+    compared (default: the wall time). Returns every figure and the median ratio of the first
+    variant over the second, repetition by repetition."""
+    names = list(variants)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    with competing_load(load):
+        for rep in range(repeats):
+            for name in (names if rep % 2 == 0 else names[::-1]):
+                wall, out = timed_process(variants[name](rep), env)
+                walls[name].append(wall)
+                runs[name].append(figure(name, wall, out) if figure else wall)
+                print(f"    {'loaded' if load else 'quiet'} rep {rep + 1}: {name} {runs[name][-1]:.3f} "
+                      f"(process {wall:.1f} s)", flush=True)
+    a, b = names
+    ratios = [x / y for x, y in zip(runs[a], runs[b])]
+    return {"runs": runs, "medians": {n: median(v) for n, v in runs.items()}, "ratio": median(ratios),
+            "ratios": ratios, "walls": walls, "wall_medians": {n: median(v) for n, v in walls.items()},
+            "load_processes": load}
+
+
+def user_environment() -> dict[str, str]:
+    """The environment this benchmark was started with, before it chose anything for itself:
+    what a user's own command or script would get."""
+    return dict(_USER_ENV)
+
+
+_USER_ENV = dict(os.environ)

@@ -24,6 +24,16 @@ copies, non-finite check, compression and writes on the writer thread, image loa
     python bench/build_overhead.py --model sd15 --device cuda --dtype float16 \
         --image-size 512 --steps 50 --images 8 --batch-size 4 --json out.json
 
+Whole processes (`--whole-process`): `dhf-cache build` as a user runs it, against a plain
+diffusers loop written without dhf-cache (bench/plain_build.py: `from_pretrained`, VAE encode,
+the same 50 UNet calls, nothing kept), each its own process in the environment this benchmark
+was started with, ABBA, quiet and beside one busy single-threaded process. Start-up, imports,
+model loading and exit count. Default: 12 photos at 64 px, 50 steps, batch 1; last line
+
+    dhf-cache build / plain loop = 0.80 quiet, 0.40 loaded (target <= 1.10)
+
+    python bench/build_overhead.py --whole-process   # ~6-8 min on 2 cores
+
 Everything is made offline in a temporary folder (tiny model, sample images); nothing is
 downloaded. The SD 1.5 configuration builds its models in memory (random weights).
 """
@@ -38,16 +48,15 @@ import sys
 import time
 from pathlib import Path
 
-# libgomp's default wait policy spins; on a shared CPU (more runnable threads than cores) the
-# spinning threads starve each other and the same run takes 2x-50x longer (measured here: a
-# 1.3 s run took 101 s while another 2-thread process ran). Passive waits make the timings
-# repeatable. Read once when torch loads its OpenMP runtime, so it is set before `import torch`;
-# set OMP_WAIT_POLICY=ACTIVE yourself to measure the default.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import _common  # noqa: E402  (first: it records the environment the benchmark was started with)
+from dhf_cache.openmp import settle_wait_policy  # noqa: E402
+
+settle_wait_policy(print)  # before torch loads, as the CLI's compute commands do (dhf_cache/openmp.py)
 
 import torch  # noqa: E402
 
-from _common import (Patches, Timers, describe_machine, machine_info, median, peak_rss_mb, synchronize, work_folder,
+from _common import (Patches, Timers, describe_machine, interleaved_processes, machine_info, median, peak_rss_mb,  # noqa: E402
+                     synchronize, user_environment, work_folder,
                      write_json)
 
 TARGET = 1.10
@@ -103,7 +112,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep inputs and caches here (default: a temporary folder, removed)")
     p.add_argument("--json", dest="json_out", help="also write every figure to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--whole-process", action="store_true",
+                   help="dhf-cache build vs a plain diffusers loop (bench/plain_build.py), whole processes, "
+                        "quiet and loaded (tiny model; defaults 12 images, batch 1, 3 repetitions)")
+    p.add_argument("--loads", default="0,1",
+                   help="--whole-process: busy single-threaded processes beside the runs, one figure each (default 0,1)")
     args = p.parse_args(argv)
+    if args.whole_process:
+        if args.model != "tiny":
+            p.error("--whole-process measures the tiny model (the plain loop loads a pipeline folder)")
+        for key, value in {"images": 12, "batch_size": 1, "repeats": 3}.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.loads = [int(v) for v in args.loads.split(",") if v.strip()]
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -203,6 +224,51 @@ def sd15_extractor(args, dataset, device: torch.device):
     spec = make_spec(request, resolve_layers(unet, "up"), identity, dtype_name)
     extractor = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, dtype)
     return extractor, spec, request
+
+
+# ------------------------------------------------------------------------------------ whole processes
+def whole_process(args, work: Path, info: dict) -> int:
+    """`dhf-cache build` vs bench/plain_build.py, each a whole process, quiet and loaded."""
+    from dhf_cache.tiny_model import write_tiny_model
+
+    _, records = prepare_images(work, args.images, args.seed)
+    photos = work / "photos"
+    photos.mkdir(exist_ok=True)
+    for record in records:  # a folder: data set of exactly these images
+        shutil.copyfile(record.path, photos / Path(record.path).name)
+    model = work / "tiny-model"
+    if not (model / "unet" / "config.json").is_file():
+        write_tiny_model(model, seed=args.seed)
+    size = str(args.image_size)
+    steps = ["--steps", str(args.steps)]
+    variants = {
+        "dhf-cache build": lambda rep: [
+            sys.executable, "-m", "dhf_cache.cli.main", "build", "--dataset", f"folder:{photos}",
+            "--cache", str(work / f"process-cache-{time.monotonic_ns()}"), "--model", str(model),
+            "--load-size", size, "--image-size", size, "--batch-size", str(args.batch_size), *steps, "--no-progress"],
+        "plain loop": lambda rep: [
+            sys.executable, str(Path(__file__).with_name("plain_build.py")), str(model),
+            *sorted(str(f) for f in photos.iterdir()), "--size", size, "--batch-size", str(args.batch_size), *steps],
+    }
+    env = user_environment()
+    print(f"whole processes: {args.images} images at {size} px, batch {args.batch_size}, {args.steps} steps; "
+          f"{args.repeats} ABBA repetitions per load; environment as given "
+          f"(OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
+    results = {}
+    for load in args.loads:
+        got = interleaved_processes(variants, env, args.repeats, load)
+        results[f"load_{load}"] = got
+        m = got["medians"]
+        print(f"  {load} busy process(es): dhf-cache build {m['dhf-cache build']:.1f} s, plain loop {m['plain loop']:.1f} s "
+              f"(medians, whole processes); ratio {got['ratio']:.2f}", flush=True)
+    if args.json_out:
+        write_json(args.json_out, {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "json_out"},
+                                   "whole_process": results})
+        print(f"figures written to {args.json_out}")
+    parts = [f"{results[f'load_{n}']['ratio']:.2f} {'quiet' if n == 0 else f'beside {n} busy process(es)'}"
+             for n in args.loads]
+    print(f"dhf-cache build / plain loop = {', '.join(parts)} (target <= {TARGET:.2f})")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ the two variants
@@ -484,6 +550,9 @@ def main(argv=None) -> int:
         raise SystemExit("--device cuda: CUDA is not available here")
     info = machine_info(str(device))
     print(describe_machine(info))
+    if args.whole_process:
+        with work_folder(args.workdir, "dhf-bench-") as work:
+            return whole_process(args, work, info)
 
     with work_folder(args.workdir, "dhf-bench-") as work:
         t0 = time.perf_counter()

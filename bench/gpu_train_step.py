@@ -32,7 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import _common  # noqa: E402  (first: it records the environment the benchmark was started with)
+from dhf_cache.openmp import settle_wait_policy  # noqa: E402
+
+settle_wait_policy(print)  # before torch loads, as the CLI's compute commands do (dhf_cache/openmp.py)
 
 import torch  # noqa: E402
 

@@ -36,7 +36,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import _common  # noqa: E402  (first: it records the environment the benchmark was started with)
+from dhf_cache.openmp import settle_wait_policy  # noqa: E402
+
+settle_wait_policy(print)  # before torch loads, as the CLI's compute commands do (dhf_cache/openmp.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

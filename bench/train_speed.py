@@ -32,6 +32,15 @@ the fastest step, so both the most favourable ratio and the hardest case for the
     python bench/train_speed.py --sizes paper,p64,p32  # adds the paper's size (+~2.5 min on 2 cores)
     python bench/train_speed.py --quick              # p32 only, no SD 1.5 projection (~1.5 min)
 
+Whole processes (`--whole-process`): `dhf-cache train` as a user runs it against a plain torch
+loop around the same network and loss on features preloaded in memory (bench/plain_train.py),
+each its own process in the environment this benchmark was started with, ABBA, quiet and beside
+one busy single-threaded process; the figure compared is the mean step time (dhf-cache's
+`loop_seconds` / steps: loader, metrics and the final checkpoint included), whole-process times
+are printed beside it. Default: 60 steps at P=64, 32x32, GroupNorm 16; last line
+
+    dhf-cache train step / plain loop step = 1.00 quiet, 0.60 loaded (target <= 1.10)
+
 Everything is made offline in a temporary folder (tiny model, sample images, a cache built with
 `run_build` at 64 px, 50 steps, METHOD.md's 11 saved steps); nothing is downloaded.
 """
@@ -48,12 +57,16 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see build_overhead.py: repeatable timings on a shared CPU
+import _common  # noqa: E402  (first: it records the environment the benchmark was started with)
+from dhf_cache.openmp import settle_wait_policy  # noqa: E402
+
+settle_wait_policy(print)  # before torch loads, as the CLI's compute commands do (dhf_cache/openmp.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import Patches, describe_machine, machine_info, median, peak_rss_mb, work_folder, write_json  # noqa: E402
+from _common import (Patches, describe_machine, interleaved_processes, machine_info, median, peak_rss_mb,  # noqa: E402
+                     user_environment, work_folder, write_json)
 
 TARGET_RATIO = 20.0
 TARGET_LOADER_SHARE = 0.10
@@ -94,6 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep the model, data and cache here (default: a temporary folder, removed)")
     p.add_argument("--json", dest="json_out", help="also write every figure to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--whole-process", action="store_true",
+                   help="dhf-cache train vs a plain torch loop (bench/plain_train.py), whole processes, quiet and loaded")
+    p.add_argument("--process-steps", type=int, default=60, help="--whole-process: training steps per run (default 60)")
+    p.add_argument("--loads", default="0,1",
+                   help="--whole-process: busy single-threaded processes beside the runs, one figure each (default 0,1)")
     p.add_argument("--child-loader", help=argparse.SUPPRESS)  # internal: the loader-share child process
     args = p.parse_args(argv)
     if args.sizes is None:
@@ -106,6 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.no_sd15 = True
     if args.views < 2:
         p.error("--views must be at least 2 (pairs need two views of a photo)")
+    args.loads = [int(v) for v in args.loads.split(",") if v.strip()]
     return args
 
 
@@ -503,6 +522,50 @@ def measure_sd15(args, work: Path) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------ whole processes
+def whole_process(args, work: Path, info: dict) -> int:
+    """`dhf-cache train` vs bench/plain_train.py: mean step time, each a whole process, quiet and loaded."""
+    dataset, _, cache_url, _ = prepare(args, work)
+    name, (p, s, g) = args.sizes[-1] if len(args.sizes) == 1 else ("p64", SIZES["p64"])
+    net = ["--projection-dim", str(p), "--output-size", str(s), "--norm-groups", str(g)]
+    steps = str(args.process_steps)
+    variants = {
+        "dhf-cache train": lambda rep: [
+            sys.executable, "-m", "dhf_cache.cli.main", "train", "--cache", cache_url, "--dataset", dataset.spec,
+            "--out", str(work / f"process-run-{time.monotonic_ns()}"), "--steps", steps, *net, "--val-split", "",
+            "--no-progress", "--json"],
+        "plain loop": lambda rep: [
+            sys.executable, str(Path(__file__).with_name("plain_train.py")), cache_url, str(dataset.root),
+            "--steps", steps, *net],
+    }
+
+    def step_seconds(variant: str, wall: float, out: dict | None) -> float:
+        if variant == "plain loop":
+            return out["step_s"]
+        return out["loop_seconds"] / out["steps_this_run"]
+
+    env = user_environment()
+    repeats = args.repeats or 3
+    print(f"whole processes: {args.process_steps} steps at P={p}, {s}x{s}, GroupNorm {g}; {repeats} ABBA repetitions "
+          f"per load; environment as given (OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY', 'unset')})", flush=True)
+    results = {}
+    for load in args.loads:
+        got = interleaved_processes(variants, env, repeats, load, step_seconds)
+        results[f"load_{load}"] = got
+        m, w = got["medians"], got["wall_medians"]
+        print(f"  {load} busy process(es): step {m['dhf-cache train'] * 1000:.0f} vs {m['plain loop'] * 1000:.0f} ms "
+              f"(ratio {got['ratio']:.2f}); whole processes {w['dhf-cache train']:.1f} vs {w['plain loop']:.1f} s", flush=True)
+    if args.json_out:
+        write_json(args.json_out, {"machine": info, "config": {"size": [p, s, g], "steps": args.process_steps,
+                                                               "repeats": repeats, "loads": args.loads},
+                                   "whole_process": results})
+        print(f"figures written to {args.json_out}")
+    parts = [f"{results[f'load_{n}']['ratio']:.2f} {'quiet' if n == 0 else f'beside {n} busy process(es)'}"
+             for n in args.loads]
+    print(f"dhf-cache train step / plain loop step = {', '.join(parts)} (target <= 1.10)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -512,6 +575,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     info = machine_info("cpu")
     print(describe_machine(info))
+    if args.whole_process:
+        with work_folder(args.workdir, "dhf-bench-train-") as work:
+            return whole_process(args, work, info)
     with work_folder(args.workdir, "dhf-bench-train-") as work:
         t0 = time.perf_counter()
         dataset, request, cache_url, timings = prepare(args, work)

@@ -375,3 +375,29 @@ def test_folder_missing_or_a_file(tmp_path):
         with pytest.raises(DatasetError) as info:
             open_dataset(f"folder:{target}")
         assert str(target) in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: the records' new fields, and safe_join under symlinks (more in test_bad_datasets.py)
+
+
+def test_pair_record_error_and_dropped_kps_have_defaults():
+    kps = np.zeros((1, 2))
+    pair = PairRecord("p", "c", "a", "b", kps, kps, (0, 0, 1, 1), (0, 0, 1, 1), (8, 8), (8, 8))
+    assert pair.error is None and pair.dropped_kps == 0
+
+
+def test_safe_join_follows_links_below_root_but_not_dotdot_through_them(tmp_path):
+    root, disk = tmp_path / "root", tmp_path / "disk"
+    (disk / "sub").mkdir(parents=True)
+    root.mkdir()
+    (root / "imgs").symlink_to(disk, target_is_directory=True)  # JPEGImages/ on another disk
+    (tmp_path / "link").symlink_to(root, target_is_directory=True)
+    assert safe_join(root, "imgs", "a.jpg") == root / "imgs" / "a.jpg"
+    assert safe_join(tmp_path / "link", "imgs", "a.jpg") == tmp_path / "link" / "imgs" / "a.jpg"
+    assert safe_join(root, "imgs/sub/../a.jpg") == root / "imgs/sub/../a.jpg"  # '..' inside the link's folder
+    with pytest.raises(DatasetError, match="symbolic link"):
+        safe_join(root, "imgs/../secret.jpg")  # the OS takes this '..' in the link's target: tmp_path
+    for parts in (("imgs", "../../x.jpg"), ("a\x00b.jpg",)):
+        with pytest.raises(DatasetError):
+            safe_join(root, *parts)

@@ -1,7 +1,10 @@
-"""Dataset records and the `KIND:PATH` dataset specs used on the command line."""
+"""Dataset records, the `KIND:PATH` dataset specs used on the command line, and untrusted
+annotation text turned into paths (`safe_join`). Annotation values: annotations.py; opening
+only regular files: dhf_cache/files.py."""
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +27,10 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class PairRecord:
-    """A keypoint pair; coordinates are [x, y] in original image pixels."""
+    """A keypoint pair; coordinates are [x, y] in original image pixels.
+
+    A data set never raises for a whole file because one image is bad: that pair gets `error`.
+    """
 
     name: str
     category: str
@@ -34,8 +40,13 @@ class PairRecord:
     trg_kps: np.ndarray = field(repr=False)
     src_bbox: tuple[float, float, float, float]  # x1, y1, x2, y2
     trg_bbox: tuple[float, float, float, float]
-    src_size: tuple[int, int]  # W, H
+    src_size: tuple[int, int]  # W, H; (0, 0) when unknown because the image is unusable (`error`)
     trg_size: tuple[int, int]
+    # Why one of the pair's images cannot be used (unsafe path, missing, unreadable, not a
+    # regular file); None when both can. The pair keeps its name, ids and keypoints.
+    error: str | None = None
+    # Correspondences dropped because a coordinate was not finite; the kept ones are all finite.
+    dropped_kps: int = 0
 
 
 class Dataset(ABC):
@@ -54,14 +65,30 @@ class Dataset(ABC):
 
 
 def safe_join(root: Path, *parts: str) -> Path:
-    """root/parts, refusing absolute parts and anything that resolves outside root."""
+    """root/parts, refusing parts that are empty, absolute or hold a NUL, and `..` that leaves root.
+
+    The parts come from annotation text, which must never name a file outside the data set.
+    The folders below root are the user's own: root may itself be a symlink, and symlinks below
+    it are followed wherever they point (JPEGImages/ on another disk, a data set made of links),
+    so a path is judged on its text, not on where it resolves. `..` may not climb above root,
+    nor pass through a symlink: the OS takes that `..` in the link's target, outside root.
+    """
     for part in parts:
-        if not part or Path(part).is_absolute() or part.startswith(("/", "\\")):
-            raise DatasetError(f"path component {part!r} is empty or absolute")
-    candidate = root.joinpath(*parts)
-    resolved, base = candidate.resolve(), root.resolve()
-    if resolved != base and base not in resolved.parents:
+        if not part or "\x00" in part or Path(part).is_absolute() or part.startswith(("/", "\\")):
+            raise DatasetError(f"path component {part!r} is empty, absolute or holds a NUL character")
+    relative = Path(*parts)
+    normal = os.path.normpath(relative)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
         raise DatasetError(f"{'/'.join(parts)!r} leaves the dataset folder {root}")
+    candidate = root.joinpath(*parts)
+    if os.pardir in relative.parts:
+        try:
+            through_link = candidate.resolve() != root.joinpath(normal).resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+            through_link = True
+        if through_link:
+            raise DatasetError(f"{'/'.join(parts)!r} leaves the dataset folder {root}: its '..' passes "
+                               "through a symbolic link")
     return candidate
 
 

@@ -27,14 +27,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dhf_cache import __version__
+from dhf_cache.cache_meta import ArrayRule, check_array, check_root_meta
 from dhf_cache.config import FORMAT_VERSION, BuildSpec
-from dhf_cache.direct_chunks import DirectArray, direct_array, read_chunk, write_chunk
+from dhf_cache.direct_chunks import ChunkProblem, DirectArray, direct_array, read_chunk, write_chunk
 from dhf_cache.disk_space import bytes_per_image
-from dhf_cache.errors import CacheError, SpecMismatchError, UsageError
+from dhf_cache.errors import CacheError, SpecMismatchError, UsageError, invalid_values
 from dhf_cache.layers import LayerInfo
 from dhf_cache import quant8  # noqa: F401  (registers the quant8 codec, so quant8 caches open)
 from dhf_cache.fingerprint import spec_differences, spec_fingerprints
-from dhf_cache.storage import coordinator_lock, open_store, stored_bytes
+from dhf_cache.storage import (coordinator_lock, open_store, run_bounded, storage_exceptions, store_timeout,
+                               stored_bytes)
 
 if TYPE_CHECKING:  # stages two and three import the cache without stage one's modules
     from dhf_cache.extract import ExtractedImage
@@ -48,6 +50,8 @@ GENERATED = "generated"
 PER_IMAGE_ARRAYS = ("latents", "done", "sizes", "errors")
 GENERATED_ARRAYS = ("images", "prompts", "seeds")
 IDS_CHUNK = 4096
+CREATING = "dhf_cache_creating"  # root attribute while the coordinator creates the arrays
+DAMAGED_REMEDY = "run `dhf-cache verify --repair {url}`, then rerun the build to recompute it"
 # Feature reads and writes of local default-codec caches bypass zarr's chunk path
 # (direct_chunks.py); DHF_CACHE_DIRECT_READS=0 / DHF_CACHE_DIRECT_WRITES=0 send every chunk
 # through zarr (benchmarks compare the two).
@@ -101,19 +105,19 @@ def _feature_serializer(spec: BuildSpec):
     return Quant8Codec()
 
 
-def _run_concurrently(coroutines: list) -> list:
+def _run_concurrently(coroutines: list, raise_first: bool = True, timeout: float | None = None) -> list:
     """Run zarr array coroutines together in one call into zarr's event loop; wait for all of
-    them, then raise the first failure (none is left unretrieved), else return their results."""
+    them, then raise the first failure (none is left unretrieved), else return their results.
+    With raise_first=False, failures are returned in place of results. `timeout` bounds the
+    whole call (remote stores; StorageError, every coroutine cancelled)."""
     import asyncio
-
-    from zarr.core.sync import sync
 
     async def run_all():
         return await asyncio.gather(*coroutines, return_exceptions=True)
 
-    outcomes = sync(run_all())
+    outcomes = run_bounded(run_all(), timeout, f"{len(coroutines)} concurrent array operations")
     for outcome in outcomes:
-        if isinstance(outcome, BaseException):
+        if raise_first and isinstance(outcome, BaseException):
             raise outcome
     return outcomes
 
@@ -127,30 +131,63 @@ class FeatureCache:
         if not isinstance(meta, dict):
             raise CacheError(f"{url}: a Zarr group, but not a dhf-cache cache (no 'dhf_cache' attribute)")
         version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
             raise CacheError(
                 f"{url}: cache format version {version!r} is newer than this dhf-cache understands "
                 f"({FORMAT_VERSION}); upgrade dhf-cache"
             )
+        check_root_meta(meta, url)  # types, sizes and fingerprints recomputed from the stored spec
         self.group = group
         self.url = url
         self.meta = meta
-        self.spec = BuildSpec.model_validate(meta["spec"])
+        try:
+            self.spec = BuildSpec.model_validate(meta["spec"])
+        except ValueError as exc:
+            raise CacheError(f"{url}: the stored spec is not valid ({invalid_values(exc)}); the cache's metadata is "
+                             "damaged: rebuild into a new --cache") from None
         self.fingerprint: dict[str, str] = meta["fingerprint"]
         self.layers = [LayerInfo(**d) for d in meta["layers"]]
         self.timesteps: list[int] = list(meta["timesteps"])
         self._ids: list[str] | None = None
         self._arrays: dict[str, Any] = {}
         self._direct: dict[str, DirectArray | None] = {}
+        self.timeout = store_timeout(url)  # one remote operation's bound (None: local disk)
+        self._check_arrays()
+
+    def _check_arrays(self) -> None:
+        """Every array of the contract present, with the dtype and shape the attributes promise
+        and a plausible length: checked once at open from metadata fetched in one concurrent
+        call, so no command reads, allocates or trusts an array that breaks the contract."""
+        try:  # the contract's arrays only: a damaged descriptor set (`dhf-cache prune`) must not close the cache
+            members = dict(self.group.members())
+            for sub in (FEATURES, GENERATED):
+                if sub in members and not hasattr(members[sub], "dtype"):
+                    members.update({f"{sub}/{name}": node for name, node in members[sub].members()})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CacheError(f"{self.url}: unreadable array metadata ({_first_line(exc)}); the cache's metadata is "
+                             "damaged: rebuild into a new --cache") from None
+        paths = ["image_ids"] + [p for p in self._contract_paths() if p != "image_ids"]
+        for path in paths:
+            if path not in members or not hasattr(members[path], "dtype"):
+                raise CacheError(f"{self.url}: array {path} is missing; the cache is damaged: rebuild into a new --cache")
+            # per-image arrays grow before image_ids (add_images), so never shorter than it; the
+            # ids' shape is metadata, so a damaged ids chunk still opens (for `verify --repair`)
+            n = None if path == "image_ids" else int(self._arrays["image_ids"].shape[0])
+            check_array(self.url, path, members[path], self._rule(path), n)
+            self._arrays[path] = members[path]
+
+    def _contract_paths(self) -> list[str]:
+        paths = [f"{FEATURES}/{l.name}" for l in self.layers] + ["image_ids", *PER_IMAGE_ARRAYS]
+        if self.is_generated:
+            paths += [f"{GENERATED}/{n}" for n in GENERATED_ARRAYS]
+        return paths
 
     # ---------------------------------------------------------------- opening and creating
     @classmethod
     def open(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> FeatureCache:
-        import zarr
-
-        store = open_store(url, storage_options, read_only=(mode == "r"))
+        store = open_store(url, storage_options, read_only=(mode == "r"), create=False)
         try:
-            group = zarr.open_group(store=store, mode="r" if mode == "r" else "r+")
+            group = _open_group(store, "r" if mode == "r" else "r+", url)
         except FileNotFoundError:
             raise CacheError(f"{url}: no cache here; build one with `dhf-cache build --cache {url}`") from None
         return cls(group, url)
@@ -171,20 +208,18 @@ class FeatureCache:
 
         Refuses (SpecMismatchError) when the existing cache was built with another spec.
         """
-        import zarr
-
         with coordinator_lock(url):
             store = open_store(url, storage_options)
             try:
-                group = zarr.open_group(store=store, mode="r+")
+                group = _open_group(store, "r+", url)
             except FileNotFoundError:
                 group = None
-            if group is None:
-                group = zarr.open_group(store=store, mode="w-")
+            if group is not None and "dhf_cache" not in group.attrs.asdict() and _unfinished_creation(group):
+                group = _open_group(store, "w", url)  # holds no image yet: start over
+            if group is None or not group.attrs.asdict() and not list(group.keys()):
+                group = _open_group(store, "w" if group is not None else "w-", url)
                 cache = cls._create(group, url, spec, layers, timesteps, tuple(latent_shape), provenance or {})
             else:
-                if not group.attrs.asdict() and not list(group.keys()):
-                    raise CacheError(f"{url}: an empty Zarr group is in the way; remove it or pick another --cache")
                 cache = cls(group, url)
                 cache.check_spec(spec, layers)
             cache.add_images(image_ids)
@@ -192,6 +227,10 @@ class FeatureCache:
 
     @classmethod
     def _create(cls, group, url, spec, layers, timesteps, latent_shape, provenance) -> FeatureCache:
+        """Create every array, then the `dhf_cache` attribute last. A marker attribute written
+        first lets a rerun tell a creation that was killed half-way (recreated: it holds no
+        image) from a foreign Zarr group (refused)."""
+        group.attrs.put({CREATING: {"created_by": f"dhf-cache {__version__}"}})
         meta = {
             "format_version": FORMAT_VERSION,
             "spec": spec.model_dump(mode="json"),
@@ -231,7 +270,7 @@ class FeatureCache:
                              compressors=compressors, fill_value=0, config=full)
             gen.create_array("prompts", shape=(0,), chunks=(1,), dtype=str)
             gen.create_array("seeds", shape=(0,), chunks=(1,), dtype="int64", fill_value=0)
-        group.attrs["dhf_cache"] = meta  # written last: a cache without it is not a cache yet
+        group.attrs.put({"dhf_cache": meta})  # written last, replacing the marker: now it is a cache
         return cls(group, url)
 
     def check_spec(self, spec: BuildSpec, layers: Sequence[LayerInfo] | None = None) -> None:
@@ -260,8 +299,12 @@ class FeatureCache:
             raise UsageError("image ids must be non-empty strings")
         n_old = len(self.image_ids)
         n = n_old + len(new)
+        # Per-image arrays first, ids last: until an id is written its entry is '' and does not
+        # count (image_ids stops at the first ''), so a kill anywhere here leaves no phantom image;
+        # the rerun adds the same ids again over whatever a killed run resized.
         for arr in self._per_image_arrays():
-            arr.resize((n, *arr.shape[1:]))
+            if arr.shape[0] != n:
+                arr.resize((n, *arr.shape[1:]))
         ids = self._array("image_ids")
         ids.resize((n,))
         ids[n_old:] = np.array(new)
@@ -270,9 +313,26 @@ class FeatureCache:
 
     # ---------------------------------------------------------------- arrays
     def _array(self, path: str):
+        """An array of the cache; those of the contract were checked at open (_check_arrays)."""
         if path not in self._arrays:
             self._arrays[path] = self.group[path]
         return self._arrays[path]
+
+    def _rule(self, path: str) -> ArrayRule:
+        if path.startswith(f"{FEATURES}/"):
+            layer = next(l for l in self.layers if path == f"{FEATURES}/{l.name}")
+            return ArrayRule("float16", (len(self.timesteps), layer.channels, layer.height, layer.width))
+        side = self.spec.preprocessing.image_size
+        return {
+            "latents": ArrayRule("float32", None),
+            "image_ids": ArrayRule("str", ()),
+            "done": ArrayRule("bool", ()),
+            "sizes": ArrayRule("int32", (2,)),
+            "errors": ArrayRule("str", ()),
+            f"{GENERATED}/images": ArrayRule("uint8", (side, side, 3)),
+            f"{GENERATED}/prompts": ArrayRule("str", ()),
+            f"{GENERATED}/seeds": ArrayRule("int64", ()),
+        }[path]
 
     def feature_array(self, layer: str):
         return self._array(f"{FEATURES}/{layer}")
@@ -289,25 +349,48 @@ class FeatureCache:
 
     @property
     def image_ids(self) -> list[str]:
+        """The cache's images in index order. The list ends before the first '' entry: ids the
+        coordinator had not written when it was killed (add_images) are not images."""
         if self._ids is None:
             arr = self._array("image_ids")
-            self._ids = [str(x) for x in arr[:]] if arr.shape[0] else []
+            ids = [str(x) for x in self._read(arr, "image_ids")] if arr.shape[0] else []
+            end = ids.index("") if "" in ids else len(ids)
+            if any(ids[end:]):
+                raise CacheError(f"{self.url}: image_ids has an empty entry at {end} before further ids; the cache's id "
+                                 "list is damaged: rebuild into a new --cache")
+            self._ids = ids[:end]
         return self._ids
 
     def index_of(self) -> dict[str, int]:
-        return {image_id: i for i, image_id in enumerate(self.image_ids)}
+        index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        if len(index) != len(self.image_ids):
+            twice = sorted({i for i in self.image_ids if self.image_ids.count(i) > 1})[:5]
+            raise CacheError(f"{self.url}: image_ids lists {', '.join(twice)} more than once; the cache's id list is "
+                             "damaged (`dhf-cache verify` lists them): rebuild into a new --cache")
+        return index
 
     def done_mask(self) -> np.ndarray:
+        n = len(self.image_ids)
         arr = self._array("done")
-        return np.asarray(arr[:], dtype=bool) if arr.shape[0] else np.zeros(0, dtype=bool)
+        return np.asarray(self._read(arr, "done", n), dtype=bool) if n else np.zeros(0, dtype=bool)
 
     def sizes(self) -> np.ndarray:
+        n = len(self.image_ids)
         arr = self._array("sizes")
-        return np.asarray(arr[:]) if arr.shape[0] else np.zeros((0, 2), dtype=np.int32)
+        return np.asarray(self._read(arr, "sizes", n)) if n else np.zeros((0, 2), dtype=np.int32)
 
     def errors(self) -> list[str]:
+        n = len(self.image_ids)
         arr = self._array("errors")
-        return [str(x) for x in arr[:]] if arr.shape[0] else []
+        return [str(x) for x in self._read(arr, "errors", n)] if n else []
+
+    def _read(self, array, path: str, n: int | None = None):
+        """array[:n] (all when n is None), a damaged chunk turned into one line naming the array."""
+        try:
+            return array[: array.shape[0] if n is None else n]
+        except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+            raise CacheError(f"{self.url}: array {path} has a damaged chunk ({_first_line(exc)}); run "
+                             f"`dhf-cache verify --repair {self.url}`") from None
 
     def failures(self) -> list[dict[str, str]]:
         """Images whose last build attempt failed and that are not done."""
@@ -339,7 +422,7 @@ class FeatureCache:
                        (self._array(f"{GENERATED}/prompts"), np.asarray(image.prompt, dtype=object)),
                        (self._array(f"{GENERATED}/seeds"), np.asarray(image.seed, dtype=np.int64))]
         try:
-            _run_concurrently([arr.async_array.setitem(index, value) for arr, value in writes])
+            _run_concurrently([arr.async_array.setitem(index, value) for arr, value in writes], timeout=self.timeout)
         finally:
             errors = [f.exception() for f in direct]  # waits for every chunk, failed or not
         for error in errors:
@@ -352,9 +435,13 @@ class FeatureCache:
 
     # ---------------------------------------------------------------- reads
     def read_features(
-        self, index: int, layers: Sequence[str] | None = None, positions: Sequence[int] | None = None
+        self, index: int, layers: Sequence[str] | None = None, positions: Sequence[int] | None = None,
+        check_finite: bool = False,
     ) -> dict[str, np.ndarray]:
         """One image's stored maps: layer -> (T, C, H, W) float16 (optionally a subset of T).
+
+        A missing or damaged chunk (and, with `check_finite`, a NaN or inf in the maps read) raises
+        CacheError naming the cache, image and layer, whichever read path (direct or zarr) served it.
 
         All layers' chunks are fetched and decoded concurrently in one call into zarr's event
         loop: one round trip per image instead of one per layer (latency on object stores,
@@ -363,16 +450,50 @@ class FeatureCache:
         found = {}
         for name in names:  # local default-codec chunks straight from their files (direct_chunks.py)
             target = self._direct_array(name, DIRECT_READS)
-            chunk = read_chunk(target, index) if target is not None else None
-            if chunk is not None:
-                found[name] = chunk
+            if target is not None:
+                try:
+                    found[name] = read_chunk(target, index)
+                except ChunkProblem as exc:
+                    raise self._damaged(index, name, str(exc)) from None
         rest = [name for name in names if name not in found]
         if rest:
-            found.update(zip(rest, _run_concurrently([self.feature_array(n).async_array.getitem(index) for n in rest])))
+            found.update(self._read_through_zarr(index, rest))
         chunks = [found[name] for name in names]
         if positions is not None:
             chunks = [np.ascontiguousarray(c[list(positions)]) for c in chunks]
+        if check_finite:
+            for name, chunk in zip(names, chunks):
+                if not np.isfinite(chunk).all():
+                    raise self._damaged(index, name, "non-finite values (NaN or inf) in the stored maps")
         return dict(zip(names, chunks))
+
+    def _read_through_zarr(self, index: int, names: list[str]) -> dict[str, np.ndarray]:
+        """Chunks of other codecs and stores, each with a check that its chunk exists: zarr
+        answers a missing chunk with the fill value (zeros), which must never pass for features."""
+        coroutines = []
+        for name in names:
+            array = self.feature_array(name).async_array
+            key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+            coroutines += [(array.store_path / key).exists(), array.getitem(index)]
+        outcomes = _run_concurrently(coroutines, raise_first=False, timeout=self.timeout)
+        found = {}
+        for k, name in enumerate(names):
+            exists, value = outcomes[2 * k], outcomes[2 * k + 1]
+            if isinstance(exists, BaseException) or isinstance(value, BaseException):
+                failure = exists if isinstance(exists, BaseException) else value
+                if isinstance(failure, storage_exceptions()):
+                    raise failure  # the store failed, not the chunk: reported as a storage failure
+                raise self._damaged(index, name, f"chunk damaged ({type(failure).__name__}: {_first_line(failure)})")
+            if not exists:
+                raise self._damaged(index, name, "chunk missing")
+            found[name] = value
+        return found
+
+    def _damaged(self, index: int, layer: str, what: str) -> CacheError:
+        ids = self.image_ids
+        image = ids[index] if 0 <= index < len(ids) else f"#{index}"
+        return CacheError(f"{self.url}: image {image!r} (index {index}), layer {layer}: {what}. The cache is damaged: "
+                          + DAMAGED_REMEDY.format(url=self.url))
 
     def _direct_array(self, layer: str, enabled: bool) -> DirectArray | None:
         if not enabled:
@@ -414,8 +535,8 @@ class FeatureCache:
         n_done = int(done.sum())
         raw_per_image = self.raw_bytes_per_image
         store = self.group.store
-        total = stored_bytes(store)
-        feature_bytes = stored_bytes(store, FEATURES)
+        total = stored_bytes(store, timeout=self.timeout)
+        feature_bytes = stored_bytes(store, FEATURES, timeout=self.timeout)
         return {
             "url": self.url,
             "format_version": self.meta["format_version"],
@@ -436,3 +557,23 @@ class FeatureCache:
             "bytes_to_finish_estimate": int((len(self.image_ids) - n_done)
                                             * (total / n_done if n_done else bytes_per_image(self))),
         }
+
+
+def _open_group(store, mode: str, url: str):
+    """zarr.open_group, bounded on remote stores (zarr's synchronous API waits without limit
+    there) and for Zarr v3 only (no probing for v2 metadata: one request instead of several)."""
+    import zarr
+    from zarr.api.asynchronous import open_group
+
+    return zarr.Group(run_bounded(open_group(store=store, mode=mode, zarr_format=3), store_timeout(url), f"opening {url}"))
+
+
+def _unfinished_creation(group) -> bool:
+    """True for a group whose creation by `_create` was killed before it finished (its marker
+    attribute without the `dhf_cache` one): it holds no image, so recreating it loses nothing."""
+    return CREATING in group.attrs.asdict()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -15,8 +15,9 @@ What: the one chunk layout and codec chain dhf-cache writes by default (docs/cac
 Zarr v3, default chunk keys with "/" (`c/<image>/0/0/0/0`), one image per chunk, float16,
 `bytes` (little endian) -> `zstd` -> `crc32c`. This module decodes exactly that, with the same
 checksum test as zarr's codec. Arrays stored otherwise (bitround, quant8, other chunking, any
-object store) are not touched, and a chunk this module cannot read (missing file, checksum
-mismatch, short data) is left to zarr, so errors and fill values stay zarr's.
+object store) are not touched. A chunk of this layout that cannot be read raises `ChunkProblem`
+saying why (missing, checksum mismatch, undecodable, wrong size): never zarr's fill value, which
+would turn a deleted chunk into zeros that train and score as if they were features.
 Writes produce the bytes zarr writes (same codec, level, checksum; temp file + rename, as
 zarr's LocalStore; feature arrays have write_empty_chunks, so zarr too stores all-zero chunks).
 tests/test_direct_chunks.py checks equality with zarr, array by array, both ways.
@@ -31,6 +32,11 @@ from pathlib import Path
 import numpy as np
 
 EXPECTED_CODECS = ("bytes", "zstd", "crc32c")
+
+
+class ChunkProblem(Exception):
+    """A chunk that should hold an image's maps cannot give them; the message says why.
+    (The cache turns it into a CacheError naming the cache, image and layer.)"""
 
 
 @dataclass(frozen=True)
@@ -76,26 +82,30 @@ def direct_array(array) -> DirectArray | None:
     return DirectArray(Path(store.root) / array.path, chunk_shape, int(zstd.get("level", 0)))
 
 
-def read_chunk(target: DirectArray, index: int) -> np.ndarray | None:
-    """Image `index`'s maps (T, C, H, W) float16, or None when zarr should read this chunk."""
+def read_chunk(target: DirectArray, index: int) -> np.ndarray:
+    """Image `index`'s maps (T, C, H, W) float16; raises ChunkProblem when the chunk is missing
+    or damaged."""
     from numcodecs.zstd import Zstd
 
+    path = target.chunk_path(index)
     try:
-        data = target.chunk_path(index).read_bytes()
-    except OSError:
-        return None
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ChunkProblem("chunk missing") from None
+    except OSError as exc:
+        raise ChunkProblem(f"chunk unreadable ({exc.strerror or exc})") from None
     if len(data) < 4:
-        return None
+        raise ChunkProblem(f"chunk truncated ({len(data)} bytes)")
     body = np.frombuffer(data, dtype=np.uint8)[:-4]  # no copy; zarr hands these codecs numpy arrays too
     if crc32c_bytes(body) != data[-4:]:
-        return None
+        raise ChunkProblem("chunk damaged (crc32c checksum mismatch: truncated or altered bytes)")
     try:
         raw = Zstd().decode(body)
-    except Exception:  # noqa: BLE001 - corrupt data: zarr reads it again and raises its own error
-        return None
+    except Exception as exc:  # noqa: BLE001 - a checksummed chunk that does not decompress
+        raise ChunkProblem(f"chunk damaged (zstd: {exc})") from None
     values = np.frombuffer(raw, dtype="<f2")
     if values.size != int(np.prod(target.chunk_shape)):
-        return None
+        raise ChunkProblem(f"chunk damaged (holds {values.size} values, expected {int(np.prod(target.chunk_shape))})")
     return values.reshape(target.chunk_shape[1:]).copy()  # writable, as zarr's reads (torch.from_numpy)
 
 

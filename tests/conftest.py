@@ -96,12 +96,12 @@ def cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess
     )
 
 
-def start_cli(*args: str, capture: bool = False) -> subprocess.Popen:
+def start_cli(*args: str, capture: bool = False, env: dict | None = None) -> subprocess.Popen:
     """`dhf-cache ARGS` as a background process (to kill or stop things around it)."""
     out = subprocess.PIPE if capture else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *map(str, args)],
-        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out, stderr=out, text=True,
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, stdout=out, stderr=out, text=True,
     )
 
 

@@ -15,7 +15,7 @@ import zarr
 
 import dhf_cache.cache as cache_mod
 from dhf_cache.cache import FeatureCache
-from dhf_cache.direct_chunks import direct_array, read_chunk, write_chunk
+from dhf_cache.direct_chunks import ChunkProblem, direct_array, read_chunk, write_chunk
 from dhf_cache.feature_loader import FeatureReader, select_features
 
 
@@ -38,7 +38,7 @@ def test_direct_reads_equal_zarr_reads_for_every_layer_and_image(train_cache):
         np.testing.assert_array_equal(got[layer.name].numpy(), want)
 
 
-def test_doubtful_chunks_are_left_to_zarr(tmp_path, train_cache):
+def test_damaged_chunks_say_why_instead_of_falling_back_to_zarrs_fill_value(tmp_path, train_cache):
     url = tmp_path / "copy.zarr"
     shutil.copytree(train_cache, url)
     cache = FeatureCache.open(str(url))
@@ -48,14 +48,14 @@ def test_doubtful_chunks_are_left_to_zarr(tmp_path, train_cache):
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    assert read_chunk(target, 1) is None  # checksum mismatch: not decoded here
-    with pytest.raises(ValueError, match="checksum"):
-        FeatureCache.open(str(url)).read_features(1, [layer])  # zarr's own error, as before
+    with pytest.raises(ChunkProblem, match="checksum"):
+        read_chunk(target, 1)
     target.chunk_path(2).unlink()
-    assert read_chunk(target, 2) is None  # missing chunk: zarr returns the fill value
-    np.testing.assert_array_equal(FeatureCache.open(str(url)).read_features(2, [layer])[layer], 0)
+    with pytest.raises(ChunkProblem, match="missing"):  # zarr would answer zeros (its fill value)
+        read_chunk(target, 2)
     chunk.write_bytes(b"\x00\x01")
-    assert read_chunk(target, 1) is None
+    with pytest.raises(ChunkProblem, match="truncated"):
+        read_chunk(target, 1)
 
 
 def test_other_codecs_and_layouts_are_not_read_directly(tmp_path):

@@ -53,8 +53,17 @@ class S3Server:
             time.sleep(0.05)
         raise RuntimeError("rclone serve s3 did not start")
 
+    def freeze(self) -> None:
+        """The server stops answering but keeps its connections open (SIGSTOP): the case that
+        once hung a build forever."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen server cannot die of SIGKILL's wait
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
             self.proc = None
@@ -125,3 +134,32 @@ def test_server_lost_mid_build_gives_a_clear_error_and_a_rerun_completes(tmp_pat
                       env={"AWS_MAX_ATTEMPTS": "1", "DHF_CACHE_IO_TIMEOUT": "20"})
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
     assert "storage" in unreachable.stderr or "cannot reach" in unreachable.stderr
+
+
+def test_a_frozen_server_ends_build_and_info_within_the_timeout_and_the_rerun_completes(s3, mini_spair, tiny_model_dir):
+    url = "s3://bucket/frozen.zarr"
+    timeout = {"DHF_CACHE_IO_TIMEOUT": "5"}
+    args = small_build_args(f"spair:{mini_spair}", url, tiny_model_dir, "--storage-options", s3.options)
+    proc = start_cli(*args, capture=True, env=timeout)
+    wait_for_first_done(s3.root / "bucket" / "frozen.zarr")
+    s3.freeze()
+    frozen_at = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("a build against a frozen server did not end")
+    ended = time.monotonic() - frozen_at
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert "got no answer within 5 s" in err and "rerun the same command" in err, err[-2000:]
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert ended < 5 + 60, ended  # the timeout plus a margin for a loaded 2-core machine (once: forever)
+    started = time.monotonic()
+    info = cli("info", url, "--storage-options", s3.options, env=timeout, timeout=240)
+    assert info.returncode == 1 and "got no answer within 5 s" in info.stderr and "Traceback" not in info.stderr
+    assert time.monotonic() - started < 5 + 60
+    s3.thaw()
+    rerun = cli(*args, "--json", env=timeout)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert summary["n_skipped"] + summary["n_built"] == 8 and len(done_flags(s3.root / "bucket" / "frozen.zarr" / "done" / "c")) == 8

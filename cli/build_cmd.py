@@ -221,7 +221,13 @@ def info(
     from dhf_cache.cache import FeatureCache
     from dhf_cache.storage import parse_storage_options
 
-    data = FeatureCache.open(url, parse_storage_options(storage_options)).info()
+    from dhf_cache.cli.tools_cmd import descriptor_set_line
+    from dhf_cache.descriptor_store import list_descriptor_sets
+
+    cache = FeatureCache.open(url, parse_storage_options(storage_options))
+    data = cache.info()
+    sets = list_descriptor_sets(cache)
+    data["descriptor_sets"] = [item.as_dict() for item in sets]
     if json_output:
         print_json(data)
         return
@@ -257,6 +263,11 @@ def info(
         + f"zstd level {codec['level']} + {codec['checksum']}"
         + (f", compression ratio {ratio:.2f}x" if ratio else "")
     )
+    if sets:
+        echo(f"descriptors    {len(sets)} set(s), {human_bytes(sum(item.bytes for item in sets))} "
+             "(eval's maps per checkpoint; `dhf-cache prune` removes them)")
+        for item in sets:
+            echo("  " + descriptor_set_line(item))
     for failure in data["failures"]:
         typer.secho(f"  FAILED {failure['id']}: {failure['error']}", fg=typer.colors.RED)
 
@@ -269,7 +280,11 @@ def export_images(
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Write a generation cache's images as PNGs named by image id (with prompts.jsonl)."""
+    """Write a generation cache's images as PNGs named by image id (with prompts.jsonl).
+
+    Each image is written as `<id>` inside DIRECTORY. Ids must be relative paths ending in .png
+    without empty, '.' or '..' parts (as `build --generate` names them); a cache holding another
+    id is refused before anything is written."""
     from dhf_cache.pipelines.export import export_images as run_export
     from dhf_cache.storage import parse_storage_options
 

@@ -24,7 +24,10 @@ A DIFT-style raw baseline from one cached map, and the best single map of all:
     dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --raw best --out eval/raw-best
 
 Outputs: metrics.json, predictions.jsonl, report.md, pck_per_category.png, mixing_weights.png
-(checkpoints), raw_sweep.png (--raw best) and correspondences/*.png.
+(checkpoints), raw_sweep.png (--raw best) and correspondences/*.png. A checkpoint's descriptor
+maps are stored in the cache for later evals (`dhf-cache info` lists them, `dhf-cache prune`
+removes them). `--raw best` keeps the map with the highest bbox@0.1 PCK per point, on a tie the
+first in raw_sweep.json's order (earliest timestep row, then layer).
 """
 
 
@@ -48,10 +51,10 @@ def eval_command(
     raw: Annotated[Optional[str], typer.Option(help="LAYER@T to score one raw cached map (T = UNet timestep), or 'best'.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     alpha: Annotated[str, typer.Option(help="Comma-separated PCK thresholds.")] = ",".join(f"{a:g}" for a in PCK_ALPHAS),
-    load_size: Annotated[int, typer.Option(min=8, help="Descriptors are upsampled to LOAD_SIZE^2 (the paper: 224).")] = EVAL_LOAD_SIZE,
+    load_size: Annotated[int, typer.Option(min=8, help="Descriptors are upsampled to LOAD_SIZE^2 (the paper: 224; at most 2048).")] = EVAL_LOAD_SIZE,
     refine: Annotated[str, typer.Option(help="none (hard argmax, the paper) or window-softargmax.")] = "none",
     limit_per_category: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N pairs of each category.")] = None,
-    skip_missing: Annotated[bool, typer.Option(help="Score the pairs whose images are built; skip the rest.")] = False,
+    skip_missing: Annotated[bool, typer.Option(help="Score the pairs whose images are built and usable; skip the rest (counted in metrics.json).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     drawings: Annotated[int, typer.Option(min=0, help="Correspondence drawings of the first N pairs.")] = 6,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,

@@ -1,13 +1,15 @@
-"""`dhf-cache tiny-model` and `dhf-cache sample-data`: offline stand-ins for weights and data."""
+"""`dhf-cache tiny-model`, `sample-data` (offline stand-ins for weights and data) and `prune`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from dhf_cache.cli.app import app, report_errors
+from dhf_cache.disk_space import human_bytes
+from dhf_cache.errors import UsageError
 
 
 @app.command("tiny-model", epilog="**Example**\n\n    dhf-cache tiny-model ./tiny --seed 0")
@@ -42,3 +44,59 @@ def sample_data(
         f"wrote {summary.n_images} images in {len(summary.categories)} categories "
         f"({', '.join(summary.categories)}), pairs: {pairs} -> {directory}"
     )
+
+
+PRUNE_EPILOG = """
+**Examples**
+
+List the descriptor sets eval stored (one per checkpoint), then remove one or all of them:
+
+    dhf-cache info spair.zarr
+    dhf-cache prune spair.zarr --descriptors 3f9a2c1e --dry-run
+    dhf-cache prune spair.zarr --all-descriptors
+
+KEY is a set's key as `info` shows it, a unique start of it, or the checkpoint fingerprint
+(metrics.json: fingerprints.checkpoint). Features are never touched; a later eval of that
+checkpoint computes its descriptors again.
+"""
+
+
+def descriptor_set_line(item) -> str:
+    """One line about a stored descriptor set (a `descriptor_store.DescriptorSet`), for info and prune."""
+    state = f"{item.images_done}/{item.n_images} images" if item.complete else "incomplete (recreated by the next eval)"
+    source = f", from {item.checkpoint}" if item.checkpoint else ""
+    return f"descriptors/{item.key}  {state}, {human_bytes(item.bytes)}{source}"
+
+
+@app.command("prune", epilog=PRUNE_EPILOG)
+@report_errors
+def prune(
+    url: Annotated[str, typer.Argument(help="Cache URL.")],
+    descriptors: Annotated[Optional[str], typer.Option(
+        "--descriptors", metavar="KEY", help="Remove the descriptor set KEY (see `dhf-cache info`).")] = None,
+    all_descriptors: Annotated[bool, typer.Option(
+        "--all-descriptors", help="Remove every descriptor set.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+) -> None:
+    """Remove descriptor maps that eval stored in a cache (features stay)."""
+    from dhf_cache.cache import FeatureCache
+    from dhf_cache.descriptor_store import find_descriptor_set, list_descriptor_sets, remove_descriptor_sets
+    from dhf_cache.storage import parse_storage_options
+
+    if (descriptors is None) == (not all_descriptors):
+        raise UsageError("give exactly one of --descriptors KEY or --all-descriptors")
+    options = parse_storage_options(storage_options)
+    # read-only first: a missing cache is refused without creating anything
+    cache = FeatureCache.open(url, options)
+    sets = list_descriptor_sets(cache)
+    chosen = sets if all_descriptors else [find_descriptor_set(sets, descriptors, url)]
+    if not chosen:
+        typer.echo(f"{url}: no descriptor sets stored; nothing to remove")
+        return
+    if not dry_run:
+        remove_descriptor_sets(FeatureCache.open(url, options, mode="r+"), chosen)
+    verb = "would remove" if dry_run else "removed"
+    for item in chosen:
+        typer.echo(f"{verb} {descriptor_set_line(item)}")
+    typer.echo(f"{verb} {len(chosen)} descriptor sets, {human_bytes(sum(s.bytes for s in chosen))}")

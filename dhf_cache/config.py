@@ -182,6 +182,16 @@ def default_save_steps(steps: int) -> tuple[int, ...]:
     return tuple(sorted(picks, reverse=True))
 
 
+# Matching allocates per keypoint one similarity map of LOAD_SIZE^2 float32, and per image a
+# LOAD_SIZE^2 norm map and a bilinear corner table (4 indices + 4 weights, 48 bytes) per load
+# pixel: memory grows with the square of the load size. At 2048 a keypoint's map is 16 MiB and
+# the table 192 MiB, within a laptop's memory; 100000 would need 37 GiB per keypoint. Nothing is
+# gained beyond it either: predictions are scaled back to the original image (SPair-71k images
+# are at most 500 px a side), and the paper uses 224. Eval and training's validation share it.
+MIN_LOAD_SIZE = 8
+MAX_LOAD_SIZE = 2048
+
+
 class TrainOptions(Frozen):
     """Everything that decides what a training run computes (stored in the run's config.json)."""
 
@@ -198,6 +208,6 @@ class TrainOptions(Frozen):
     norm_groups: int = Field(NORM_GROUPS, ge=1)  # GroupNorm groups; must divide projection_dim / 4
     val_every: int = Field(1000, ge=1)
     val_pairs_per_category: int = Field(20, ge=1)
-    val_load_size: int = Field(EVAL_LOAD_SIZE, ge=8)
+    val_load_size: int = Field(EVAL_LOAD_SIZE, ge=MIN_LOAD_SIZE, le=MAX_LOAD_SIZE)
     seed: int = 0
     skip_missing: bool = False

@@ -108,12 +108,15 @@ def plot_pck_table(table, layer_names: Sequence[str], timesteps: Sequence[int], 
 
     `table` is (T, L) fractions in [0, 1] (None where a cell was not evaluated).
     """
-    arr = _as_table(table, layer_names, timesteps, "PCK table") * 100.0
-    if not np.isfinite(arr).any():
+    fractions = _as_table(table, layer_names, timesteps, "PCK table")
+    if not np.isfinite(fractions).any():
         raise UsageError("PCK table: every cell is empty (None/NaN); nothing to plot")
+    arr = fractions * 100.0
     fig, ax = _heatmap(arr, layer_names, timesteps, f"PCK (%) - {metric_label}",
                        f"Single layer x timestep: {metric_label}", "magma", ".0f")
-    i, j = np.unravel_index(np.nanargmax(arr), arr.shape)
+    # the first maximum of the unscaled table in row-major order: report.best_cell's tie rule
+    # (scaling by 100 first could round two values into a tie)
+    i, j = np.unravel_index(np.nanargmax(fractions), fractions.shape)
     from matplotlib.patches import Rectangle
 
     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2.5))

@@ -8,6 +8,7 @@ to average (None in metrics.json) is shown as "–", never as 0.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -126,6 +127,25 @@ def _fingerprint_section(fingerprints: dict) -> list[str]:
     return lines
 
 
+def sweep_rank(value: float, row: int, column: int) -> tuple[float, int, int]:
+    """Sort key of a `--raw best` cell (row = timestep, column = layer, in the cache's order):
+    the larger key is the better map, so ties go to the first cell in row-major order."""
+    return (float(value), -int(row), -int(column))
+
+
+def best_cell(table) -> tuple[int, int] | None:
+    """(row, column) of the best map in a (T, L) raw-sweep table: the highest value; among equal
+    values the earliest timestep row, then the first layer column (numpy's nanargmax). None (or
+    NaN) cells hold no value; None when no cell does.
+
+    The one tie rule of `--raw best`: eval keeps this map's results (metrics.json,
+    predictions.jsonl) and raw_sweep.json and report.md name it.
+    """
+    cells = [(sweep_rank(v, i, j), (i, j)) for i, row in enumerate(table) for j, v in enumerate(row)
+             if v is not None and not math.isnan(float(v))]
+    return max(cells)[1] if cells else None
+
+
 def _raw_section(raw: dict) -> list[str]:
     try:
         layers, timesteps, table = list(raw["layers"]), list(raw["timesteps"]), raw["pck"]
@@ -135,26 +155,25 @@ def _raw_section(raw: dict) -> list[str]:
         raise UsageError(f"raw_table: 'pck' must be {len(timesteps)} rows (timesteps) x {len(layers)} columns (layers)")
     metric = raw.get("metric", "PCK")
     best = raw.get("best") or {}
-    best_cell = None
+    marked = None
     if best.get("layer") in layers and best.get("timestep") in timesteps:
-        best_cell = (timesteps.index(best["timestep"]), layers.index(best["layer"]))
-    else:  # no usable "best": mark the highest cell
-        cells = [(v, i, j) for i, row in enumerate(table) for j, v in enumerate(row) if v is not None]
-        if cells:
-            _, i, j = max(cells, key=lambda c: c[0])
-            best_cell = (i, j)
+        marked = (timesteps.index(best["timestep"]), layers.index(best["layer"]))
+    else:  # no usable "best": mark the one `best_cell` names
+        marked = best_cell(table)
+        if marked is not None:
+            i, j = marked
             best = {"layer": layers[j], "timestep": timesteps[i], "pck": table[i][j]}
     rows = []
     for i, t in enumerate(timesteps):
         cells = []
         for j, value in enumerate(table[i]):
             text = percent(value)
-            cells.append(f"**{text}** ★" if (i, j) == best_cell else text)
+            cells.append(f"**{text}** ★" if (i, j) == marked else text)
         rows.append([str(t)] + cells)
     lines = [f"## Single layer x timestep ({metric}, %)", ""]
     lines += _table(["t \\ layer"] + [short_layer_name(n) for n in layers], rows)
     lines.append("")
-    if best_cell is not None:
+    if marked is not None:
         lines.append(f"Best (★): `{best['layer']}` at t = {best['timestep']}: {percent(best.get('pck'))}%.")
     shorts = {short_layer_name(n): n for n in layers if short_layer_name(n) != n}
     if shorts:

@@ -3,7 +3,11 @@
 With a checkpoint, every image's descriptor map is computed once (one pass through the
 aggregator over its cached features) and stored back into the cache under the checkpoint's
 fingerprint; later evals of the same checkpoint reuse them. With `--raw LAYER@T` one cached map
-is scored as is (the DIFT-style baseline); `--raw best` sweeps every layer x timestep.
+is scored as is (the DIFT-style baseline); `--raw best` sweeps every layer x timestep and keeps
+the map `report.best_cell` names (highest PCK, ties to the first in the table's order).
+
+Everything a user can get wrong (the load size, a missing cache, pairs whose images are unusable
+or not built) is refused with one line before the cache or the output folder is written.
 """
 
 from __future__ import annotations
@@ -20,19 +24,22 @@ import torch
 
 from dhf_cache.cache import FeatureCache
 from dhf_cache.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
-from dhf_cache.config import EVAL_LOAD_SIZE, PCK_ALPHAS
+from dhf_cache.config import EVAL_LOAD_SIZE, MAX_LOAD_SIZE, MIN_LOAD_SIZE, PCK_ALPHAS
 from dhf_cache.datasets import Dataset, PairRecord, open_dataset
 from dhf_cache.descriptor_store import DescriptorStore
 from dhf_cache.descriptors import LRUDescriptors, aggregate
 from dhf_cache.device import resolve_device
-from dhf_cache.errors import CheckpointError, EvaluationError
+from dhf_cache.disk_space import human_bytes
+from dhf_cache.errors import CheckpointError, EvaluationError, ImageError, UsageError
 from dhf_cache.feature_loader import FeatureReader, Prefetcher
 from dhf_cache.matching import parse_refine
 from dhf_cache.pck import bbox_length
 from dhf_cache.progress import progress_bar
+from dhf_cache.report import best_cell, sweep_rank
 from dhf_cache.scoring import score_pairs
 
 SWEEP_METRIC = "bbox@0.1"
+
 
 
 @dataclass(frozen=True)
@@ -91,9 +98,20 @@ def parse_raw(text: str, cache: FeatureCache) -> tuple[str, int]:
     return layer, cache.timesteps.index(t)
 
 
+def check_load_size(load_size: int) -> None:
+    """Refuse a load size outside [MIN_LOAD_SIZE, MAX_LOAD_SIZE] (see MAX_LOAD_SIZE for why)."""
+    if not MIN_LOAD_SIZE <= int(load_size) <= MAX_LOAD_SIZE:
+        per_keypoint = human_bytes(4 * int(load_size) ** 2) if load_size > 0 else "nothing"
+        raise UsageError(
+            f"--load-size {load_size}: expected {MIN_LOAD_SIZE} to {MAX_LOAD_SIZE} pixels (the paper: "
+            f"{EVAL_LOAD_SIZE}); matching holds a LOAD_SIZE^2 similarity map per keypoint ({per_keypoint} here)"
+        )
+
+
 def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalResult:
     if (request.checkpoint is None) == (request.raw is None):
         raise EvaluationError("give exactly one of --checkpoint RUN or --raw LAYER@T|best")
+    check_load_size(request.load_size)
     started = time.perf_counter()
     if request.threads:
         torch.set_num_threads(request.threads)
@@ -101,7 +119,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     cache = _open_cache(request)
     dataset = open_dataset(request.dataset)
     pairs = select_pairs(dataset.pairs(request.split), request.limit_per_category)
-    pairs = _check_images(pairs, cache, request)
+    pairs, input_skipped = check_pairs(pairs, cache, request)
     if not pairs:
         raise EvaluationError(f"no pairs to evaluate in split {request.split!r} of {request.dataset}")
     notes: list[str] = []
@@ -148,7 +166,9 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         "pck": {k: {a: v[a] for a in ("per_point", "per_image", "per_category_mean")}
                 for k, v in summary.items() if "@" in k},
         "categories": summary["categories"],
-        "skipped": summary["skipped"],
+        "skipped": {**summary["skipped"], **input_skipped,
+                    # keypoints the data set dropped from the scored pairs (a NaN or inf coordinate)
+                    "dropped_nonfinite_points": sum(p.dropped_kps for p in pairs)},
         "fingerprints": {"checkpoint": checkpoint_fp, "cache": cache.fingerprint},
         "options": options,
         "feature_source": cache.spec.feature_space.source,
@@ -164,26 +184,43 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
 
 def _open_cache(request: EvalRequest) -> FeatureCache:
     """Writable when descriptors will be stored; a read-only cache still evaluates (in memory)."""
-    if request.checkpoint is None:
-        return FeatureCache.open(request.cache_url, request.storage_options)
+    url = request.cache_url
+    if request.checkpoint is None:  # a missing cache is refused either way, and nothing created
+        return FeatureCache.open(url, request.storage_options)
     try:
         return FeatureCache.open(request.cache_url, request.storage_options, mode="r+")
     except (PermissionError, OSError):
         return FeatureCache.open(request.cache_url, request.storage_options)
 
 
-def _check_images(pairs: list[PairRecord], cache: FeatureCache, request: EvalRequest) -> list[PairRecord]:
+def _shown(items: list[str]) -> str:
+    return ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+
+
+def check_pairs(pairs: list[PairRecord], cache: FeatureCache,
+                request: EvalRequest) -> tuple[list[PairRecord], dict[str, int]]:
+    """The pairs to score and how many were left out, by reason. Pairs whose images the data set
+    cannot use (`PairRecord.error`: unsafe path, missing or unreadable file) and pairs with an
+    image the cache has not built are refused in one line each, or skipped with --skip-missing."""
+    unusable = [p for p in pairs if p.error]
+    if unusable and not request.skip_missing:
+        raise EvaluationError(
+            f"{len(unusable)} {request.split} pairs of {request.dataset} use images that cannot be used: "
+            + _shown([f"{p.name} ({p.error})" for p in unusable])
+            + ". Fix the files or annotations, or pass --skip-missing to score the other pairs."
+        )
+    usable = [p for p in pairs if not p.error]
     index, done = cache.index_of(), cache.done_mask()
     ok = lambda i: i in index and bool(done[index[i]])  # noqa: E731
-    missing = sorted({i for p in pairs for i in (p.src, p.trg) if not ok(i)})
+    missing = sorted({i for p in usable for i in (p.src, p.trg) if not ok(i)})
     if missing and not request.skip_missing:
-        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
         raise EvaluationError(
-            f"{len(missing)} test images are not built in {request.cache_url}: {shown}. Build them with "
-            f"`dhf-cache build --dataset {request.dataset} --split {request.split} --cache {request.cache_url}`, "
-            "or pass --skip-missing to score the other pairs."
+            f"{len(missing)} {request.split} images are not built in {request.cache_url}: {_shown(missing)}. "
+            f"Build them with `dhf-cache build --dataset {request.dataset} --split {request.split} "
+            f"--cache {request.cache_url}`, or pass --skip-missing to score the other pairs."
         )
-    return [p for p in pairs if ok(p.src) and ok(p.trg)]
+    kept = [p for p in usable if ok(p.src) and ok(p.trg)]
+    return kept, {"unusable_image_pairs": len(unusable), "missing_image_pairs": len(usable) - len(kept)}
 
 
 def _check_checkpoint(ckpt: Checkpoint, cache: FeatureCache, path: Path) -> list[str]:
@@ -219,7 +256,7 @@ def _checkpoint_descriptors(ckpt: Checkpoint, cache: FeatureCache, pairs: list[P
     todo = [i for i in needed if not done[i]]
     selection, selection_notes = checkpoint_selection(ckpt.features, cache)
     notes += selection_notes
-    reader = FeatureReader(cache, selection)
+    reader = FeatureReader(cache, selection, check_finite=True)  # a NaN map would score silently
     device = next(net.parameters()).device
     log(f"descriptors: {len(needed)} images, {len(needed) - len(todo)} stored, {len(todo)} to compute")
     bar = progress_bar(len(todo), "descriptors", unit="img", enabled=request.progress)
@@ -233,38 +270,44 @@ def _checkpoint_descriptors(ckpt: Checkpoint, cache: FeatureCache, pairs: list[P
     return provider, {"computed": len(todo), "reused": len(needed) - len(todo), "stored_in_cache": store.persistent}, notes
 
 
+def _raw_maps(cache: FeatureCache, layer: str, index: dict[str, int]) -> Callable[[str], np.ndarray]:
+    """image id -> its stored (T, C, H, W) maps of one layer, read through the cache's checked
+    path: a missing or damaged chunk or a NaN is one CacheError naming the image, never zeros."""
+    return lambda image_id: cache.read_features(index[image_id], [layer], check_finite=True)[layer]
+
+
 def _raw_provider(cache: FeatureCache, layer: str, position: int) -> Callable[[str], torch.Tensor]:
-    index = cache.index_of()
-    array = cache.feature_array(layer)
-    return lambda image_id: torch.from_numpy(np.asarray(array[index[image_id], position], dtype=np.float32))
+    maps = _raw_maps(cache, layer, cache.index_of())
+    return lambda image_id: torch.from_numpy(np.asarray(maps(image_id)[position], dtype=np.float32))
 
 
 def _raw_sweep(cache: FeatureCache, pairs: list[PairRecord], request: EvalRequest, refine, log):
-    """Score every single layer x timestep map; keep the best one's full results."""
+    """Score every single layer x timestep map; keep the results of the one `best_cell` names."""
     layers = [l.name for l in cache.layers]
     table = np.full((len(cache.timesteps), len(layers)), np.nan)
-    best = (-1.0, None, None, None)
+    best_rank, best = None, (None, None, None, None)  # (value, name, accumulator, predictions)
     bar = progress_bar(len(layers) * len(cache.timesteps), "raw sweep", unit="map", enabled=request.progress)
     index = cache.index_of()
     for l, layer in enumerate(layers):
         array = cache.feature_array(layer)
         chunk_bytes = array.nbytes // max(array.shape[0], 1)
-        chunks = LRUDescriptors(lambda image_id, a=array: torch.from_numpy(np.asarray(a[index[image_id]])),
+        chunks = LRUDescriptors(lambda image_id, maps=_raw_maps(cache, layer, index): torch.from_numpy(maps(image_id)),
                                 capacity=max(8, int(2**30 // max(chunk_bytes, 1))))
         for t in range(len(cache.timesteps)):
             provider = lambda image_id, t=t: chunks(image_id)[t].float()  # noqa: E731
             acc, preds = score_pairs(pairs, provider, request.load_size, request.alphas, refine)
             value = acc.summary()[SWEEP_METRIC]["per_point"]
             table[t, l] = np.nan if value is None else value
-            if value is not None and value > best[0]:
-                best = (value, f"{layer}@{cache.timesteps[t]}", acc, preds)
+            # the sweep runs layer by layer; sweep_rank orders maps as best_cell does
+            if value is not None and (best_rank is None or sweep_rank(value, t, l) > best_rank):
+                best_rank, best = sweep_rank(value, t, l), (value, f"{layer}@{cache.timesteps[t]}", acc, preds)
             bar.update(1)
     bar.close()
     if best[1] is None:
         raise EvaluationError("the raw sweep scored no keypoints; check the pairs")
     log(f"best raw map: {best[1]} ({SWEEP_METRIC} per point {best[0]:.4f})")
-    flat = int(np.nanargmax(table))
-    t_best, l_best = divmod(flat, len(layers))
+    t_best, l_best = best_cell(table)
+    assert f"{layers[l_best]}@{cache.timesteps[t_best]}" == best[1], "one tie rule for the sweep and its table"
     raw_table = {
         "layers": layers, "timesteps": list(cache.timesteps),
         "pck": [[None if np.isnan(v) else float(v) for v in row] for row in table],
@@ -296,7 +339,7 @@ def _write_outputs(request: EvalRequest, dataset: Dataset, pairs, predictions, m
     if mixing is not None:
         table, names, timesteps = mixing
         plots.plot_mixing_weights(table, names, timesteps, out / "mixing_weights.png")
-    paths = {r.id: r.path for r in dataset.images(request.split) if r.path is not None}
+    paths = {r.id: r.path for r in dataset.images(request.split) if r.path is not None and not r.error}
     drawings = out / "correspondences"
     drawings.mkdir(exist_ok=True)
     from dhf_cache.images import load_image
@@ -307,8 +350,13 @@ def _write_outputs(request: EvalRequest, dataset: Dataset, pairs, predictions, m
         length = bbox_length(pair.trg_bbox)
         dist = np.linalg.norm(pred - pair.trg_kps, axis=1)
         correct = dist <= 0.1 * length if length else None
-        plots.draw_correspondences(load_image(paths[pair.src]), load_image(paths[pair.trg]), pair.src_kps, pred,
-                                   correct, drawings / f"{k:02d}_{_safe_name(pair.name)}.png")
+        try:
+            images = load_image(paths[pair.src]), load_image(paths[pair.trg])
+        except ImageError as exc:  # the scores come from the cache; a drawing is not worth failing for
+            log(f"no drawing of pair {pair.name}: {exc}")
+            continue
+        plots.draw_correspondences(*images, pair.src_kps, pred, correct,
+                                   drawings / f"{k:02d}_{_safe_name(pair.name)}.png")
     log(f"wrote {out / 'metrics.json'}, predictions.jsonl, report.md and plots")
 
 

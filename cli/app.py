@@ -8,12 +8,63 @@ import sys
 from typing import Any, Callable
 
 import typer
+from typer.core import TyperGroup
 
 from dhf_cache.errors import DhfCacheError
 from dhf_cache.storage import storage_exceptions
 
+# `dhf-cache --help` lists the commands in the order a user meets them, each in a line that fits
+# 80 columns (a command's own --help gives its docstring in full).
+WORKFLOW = {
+    "demo": "build, train and eval the sample data, offline",
+    "build": "stage one: invert images, store their maps",
+    "info": "a cache's spec, images, bytes, descriptor sets",
+    "verify": "read every chunk of every done image; --repair",
+    "train": "stage two: train the aggregation network from a cache",
+    "import-checkpoint": "the authors' released aggregator as a run folder",
+    "eval": "stage three: PCK from cached descriptors or raw maps",
+    "match": "match points between two images of your own",
+    "export-images": "a generation cache's images as PNG files",
+    "prune": "remove the descriptor sets eval stored in a cache",
+    "tiny-model": "write the offline tiny SD-shaped model (tests, demo)",
+    "sample-data": "write the embedded SPair-layout sample data",
+}
+
+
+class DhfGroup(TyperGroup):
+    """The command group, shaped for a plain 80-column terminal (click's help layout, not rich's
+    tables, which cut long option names): commands in workflow order, options shown with
+    conventional metavars (`--cache CACHE`, `--steps STEPS`), example blocks in epilogs kept as
+    written while prose is re-wrapped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        rank = {name: i for i, name in enumerate(WORKFLOW)}
+        self.commands = dict(sorted(self.commands.items(), key=lambda item: rank.get(item[0], len(rank))))
+        for name, command in self.commands.items():
+            command.short_help = WORKFLOW.get(name, command.short_help)
+            for param in command.params:
+                if param.metavar is None and not getattr(param, "is_flag", False) and param.name:
+                    param.metavar = param.name.upper()
+            if command.epilog:
+                command.epilog = plain_epilog(command.epilog)
+
+
+def plain_epilog(text: str) -> str:
+    """An epilog for click's plain help: `**Examples**` as a heading, each paragraph holding
+    indented example lines marked `\b` (click then keeps its line breaks)."""
+    paragraphs = text.strip("\n").replace("**", "").split("\n\n")
+    out = []
+    for paragraph in paragraphs:
+        if any(line.startswith("    ") for line in paragraph.splitlines()):
+            paragraph = "\b\n" + paragraph
+        out.append(paragraph)
+    return "\n\n".join(out)
+
+
 app = typer.Typer(
     name="dhf-cache",
+    cls=DhfGroup,
     help=(
         "Diffusion Hyperfeatures with a feature cache. Stage one (build) inverts each image once "
         "and stores every layer x timestep map in a Zarr cache; train and eval read the cache."
@@ -21,8 +72,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
 

@@ -21,6 +21,21 @@ from dhf_cache.config import ModelIdentity
 from dhf_cache.errors import ModelNotFoundError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What load_backbone reads from a hub repository: the three models' configs and safetensors
+# weights and the tokenizer. SD 1.5's repository also holds .bin copies, fp16 and EMA variants and
+# a safety checker (~20 GB in all); these patterns fetch ~4 GB. Tested: a folder holding only
+# these files loads.
+HUB_FILES = (
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "tokenizer/*",
+)
+
+
+def download_command(model: str) -> str:
+    """The `hf download` command (huggingface_hub's CLI) that fetches exactly HUB_FILES of `model`."""
+    return f"hf download {model} " + " ".join(f'--include "{pattern}"' for pattern in HUB_FILES)
 
 
 @dataclass
@@ -137,7 +152,7 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
             raise ModelNotFoundError(
                 f"--model {model}: {path} exists but is not a diffusers pipeline directory "
                 "(no unet/config.json). Pass the folder written by `save_pretrained` or "
-                "`huggingface-cli download`, or a hub id such as "
+                "`hf download --local-dir`, or a hub id such as "
                 "stable-diffusion-v1-5/stable-diffusion-v1-5."
             )
         try:
@@ -165,7 +180,7 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
     raise ModelNotFoundError(
         f"--model {model}: model not found. Tried:\n  - "
         + "\n  - ".join(tried)
-        + f"\nFix: on a machine with internet run `huggingface-cli download {model}` (and copy "
+        + f"\nFix: on a machine with internet run `{download_command(model)}` (and copy "
         "the cache here), or pass a local pipeline directory with --model DIR."
     )
 

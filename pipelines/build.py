@@ -65,10 +65,23 @@ class BuildResult:
         return not self.failures and not self.interrupted
 
 
-def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity, compute_dtype: str) -> BuildSpec:
-    from dhf_cache.config import default_save_steps
+def check_steps(request: BuildRequest) -> tuple[int, ...]:
+    """The saved steps of `request`, its --steps / --save-steps checked before any model loads
+    (the same rules FeatureSpace applies once the model is known)."""
+    from dhf_cache.config import default_save_steps, validate_save_steps
 
+    if request.steps < 1:
+        raise UsageError(f"--steps {request.steps}: needs at least 1 inversion step")
     save_steps = request.save_steps if request.save_steps is not None else default_save_steps(request.steps)
+    try:
+        validate_save_steps(request.steps, tuple(save_steps))
+    except ValueError as exc:
+        raise UsageError(f"--steps {request.steps} / --save-steps {list(save_steps)}: {exc}") from None
+    return tuple(save_steps)
+
+
+def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity, compute_dtype: str) -> BuildSpec:
+    save_steps = check_steps(request)
     source = "generation" if request.prompts is not None else "inversion"
     try:
         space = FeatureSpace(model=identity, steps=request.steps, save_steps=save_steps, layers=extractor_layers,
@@ -89,6 +102,7 @@ def run_build(
     log: Callable[[str], None] = print,
 ) -> BuildResult:
     start = time.perf_counter()
+    check_steps(request)  # a typo in --steps must not wait for the model to load
     if options.threads:
         torch.set_num_threads(options.threads)
     records = request_records(request)

@@ -225,6 +225,19 @@ def test_bad_options_name_the_option_without_pydantics_dump(tmp_path, mini_spair
     assert not (tmp_path / "c.zarr").exists()  # nothing created for a refused build
 
 
+def test_step_options_are_checked_before_the_model_loads(tmp_path, mini_spair):
+    """A typo in --steps is reported at once: the model named here does not exist, so an error
+    about steps proves they were checked first."""
+    for option, value, expected in (("--steps", "0", "--steps 0: needs at least 1"),
+                                    ("--save-steps", "12", "save_steps [12] outside 0..9")):
+        args = small_build_args(f"spair:{mini_spair}", tmp_path / "c.zarr", Path("/no/such/model"))
+        args[args.index(option) + 1] = value
+        result = invoke(*args)
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert "model" not in result.output.split("error:")[1]
+    assert not (tmp_path / "c.zarr").exists()
+
+
 def test_one_step_variant(tmp_path, mini_spair, tiny_model_dir):
     cache = tmp_path / "onestep.zarr"
     args = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "trn")
@@ -240,7 +253,7 @@ def test_model_that_cannot_be_found_says_what_was_tried(tmp_path, mini_spair):
     result = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "c.zarr", Path("nobody/no-such-model")))
     assert result.exit_code == 1
     assert "model not found" in result.output and "Hugging Face cache" in result.output
-    assert "HF_HUB_OFFLINE" in result.output and "huggingface-cli download nobody/no-such-model" in result.output
+    assert "HF_HUB_OFFLINE" in result.output and "hf download nobody/no-such-model --include" in result.output
     assert "--model DIR" in result.output and "Traceback" not in result.output
     not_a_pipeline = tmp_path / "empty-dir"
     not_a_pipeline.mkdir()
@@ -257,7 +270,7 @@ def test_hub_id_without_network_fails_at_once_and_quietly(tmp_path, mini_spair):
                  env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.no-such-host.invalid"})
     assert result.returncode == 1
     assert "download: skipped, hub.no-such-host.invalid cannot be resolved" in result.stderr
-    assert "no network here?" in result.stderr and "huggingface-cli download nobody/no-such-model" in result.stderr
+    assert "no network here?" in result.stderr and "hf download nobody/no-such-model --include" in result.stderr
     assert "Retrying" not in result.stderr and "Warning" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "c.zarr").exists()
 

@@ -42,3 +42,30 @@ def test_version_names_the_libraries_a_cache_depends_on():
 def test_no_arguments_shows_the_command_list():
     result = runner.invoke(app, [])
     assert "build" in result.output and "train" in result.output and "eval" in result.output
+
+
+def test_the_command_list_follows_the_workflow_at_80_columns():
+    from dhf_cache.cli.app import WORKFLOW
+
+    text = runner.invoke(app, ["--help"], terminal_width=80).output
+    listed = [line.split()[0] for line in text.split("Commands:")[1].splitlines() if line.startswith("  ") and line.split()]
+    assert listed == [name for name in WORKFLOW if name in COMMANDS] and set(listed) == set(COMMANDS)
+    assert max(len(line) for line in text.splitlines()) <= 80 and "..." not in text.split("Commands:")[1]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_reads_well_at_80_columns(command):
+    """Click's plain layout: every option name whole, conventional metavars (not typer's
+    `<str>`), prose wrapped within 80 columns; only example command lines may be wider."""
+    result = runner.invoke(app, [command, "--help"], terminal_width=80)
+    text = result.output
+    click_command = typer.main.get_command(app).commands[command]
+    for param in click_command.params:
+        for name in getattr(param, "opts", []):
+            if name.startswith("--"):
+                assert re.search(rf"(^|[\s,/]){re.escape(name)}(\s|=|,|$)", text, re.M), f"{name} not shown whole"
+    options = [line for line in text.splitlines() if line.startswith("  -")]
+    assert not any(re.search(r"--\S*(…|\.\.\.)|<str>|<int|<float|<path>", line) for line in options), options
+    # only example blocks (indented 6+, kept as written) may be wider than 80 columns
+    wide = [line for line in text.splitlines() if len(line) > 80 and not line.startswith("      ")]
+    assert not wide, wide

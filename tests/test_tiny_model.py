@@ -37,3 +37,33 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path, tiny_model_di
     different = _digest(other)
     assert set(different) == set(_digest(tiny_model_dir))
     assert all(different[k] != v for k, v in _digest(tiny_model_dir).items())
+
+
+def test_the_readme_download_command_fetches_what_loading_needs(tmp_path, tiny_model_dir):
+    """The README's `hf download` is the command the code suggests (download_command), the pinned
+    huggingface_hub's CLI knows its options, and a folder holding only those files loads."""
+    import fnmatch
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dhf_cache.backbone import HUB_FILES, download_command, load_backbone
+    from dhf_cache.config import SD15_MODEL_ID
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"^    (hf download .*?)(?=\n    #|\n\n)", readme, re.S | re.M).group(1)
+    assert " ".join(block.replace("\\\n", " ").split()) == download_command(SD15_MODEL_ID)
+    hf = Path(sys.executable).with_name("hf")
+    usage = subprocess.run([str(hf), "download", "--help"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and "--include" in usage.stdout
+    only = tmp_path / "only-hub-files"
+    for path in Path(tiny_model_dir).rglob("*"):
+        relative = path.relative_to(tiny_model_dir).as_posix()
+        if path.is_file() and any(fnmatch.fnmatch(relative, pattern) for pattern in HUB_FILES):
+            (only / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, only / relative)
+    assert not (only / "model_index.json").exists() and not (only / "scheduler").exists()
+    backbone = load_backbone(str(only))
+    assert backbone.identity == load_backbone(str(tiny_model_dir)).identity

@@ -318,3 +318,67 @@ def test_eval_refuses_a_missing_stored_descriptor_and_names_the_remedy(tmp_path,
     assert result.exit_code == 1, result.output
     error = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "chunk missing" in error[0] and "dhf-cache prune" in error[0], result.output
+
+
+@pytest.mark.parametrize("kind", ["bit-flipped", "nan"])
+def test_eval_refuses_a_damaged_or_nan_chunk_in_one_line(tmp_path, damaged, train_data, kind):
+    from dhf_cache.datasets import open_dataset
+
+    url, layer, _, _ = damaged
+    image_id = open_dataset(f"spair:{train_data}").pairs("test")[0].src  # an image eval scores
+    index = FeatureCache.open(str(url)).index_of()[image_id]
+    if kind == "nan":
+        array = zarr.open_array(url / "features" / layer, mode="r+")
+        values = array[index]
+        values[:] = np.nan
+        array[index] = values
+    else:
+        DAMAGE[kind](_chunk(url, layer, index))
+    result = runner.invoke(app, ["eval", "--cache", str(url), "--dataset", f"spair:{train_data}", "--out",
+                                 str(tmp_path / "ev"), "--raw", f"{layer}@-1", "--load-size", "64", "--device", "cpu",
+                                 "--no-progress"])
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and image_id in error[0] and layer in error[0], result.output
+    assert ("non-finite" if kind == "nan" else "damaged") in error[0]
+
+
+# A `dhf-cache build` whose store dies (os._exit, as SIGKILL: no cleanup) at the first write of a
+# done flag: every chunk of that image is written, its flag is not.
+DIE_AT_DONE = """
+import os, sys
+from zarr.storage import LocalStore
+original = LocalStore.set
+async def dying(self, key, value, *a, **kw):
+    if key.startswith("done/c/"):
+        os._exit(86)
+    return await original(self, key, value, *a, **kw)
+LocalStore.set = dying
+from dhf_cache.cli.main import main
+sys.argv[0] = "dhf-cache"
+main()
+"""
+
+
+def test_a_build_killed_between_chunks_and_done_is_completed_exactly_by_the_rerun(tmp_path, mini_spair, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli, small_build_args
+
+    killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
+    args = small_build_args(f"spair:{mini_spair}", killed, tiny_model_dir, "--split", "trn", "--batch-size", "2")
+    proc = subprocess.run([sys.executable, "-c", DIE_AT_DONE, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 86, proc.stderr[-2000:]
+    cache = FeatureCache.open(str(killed))
+    assert not cache.done_mask().any()
+    assert any((killed / "features" / layer.name / "c" / "0").exists() for layer in cache.layers)  # chunks were written
+    assert cli(*args).returncode == 0
+    assert cli(*small_build_args(f"spair:{mini_spair}", clean, tiny_model_dir, "--split", "trn",
+                                 "--batch-size", "2")).returncode == 0
+    a, b = FeatureCache.open(str(killed)), FeatureCache.open(str(clean))
+    assert a.image_ids == b.image_ids and a.done_mask().all() and b.done_mask().all()
+    for i in range(len(a.image_ids)):
+        for name, values in a.read_features(i).items():
+            np.testing.assert_array_equal(values, b.read_features(i)[name])

@@ -60,7 +60,7 @@ def match(
     image_b: Annotated[Path, typer.Argument(help="Target image: where the points are looked for.")],
     checkpoint: Annotated[Path, typer.Option(help="Run folder of `dhf-cache train` or `import-checkpoint`.")],
     out: Annotated[Path, typer.Option(help="PNG to draw the two images and the matches into.")],
-    model: Annotated[Optional[str], typer.Option(help="Backbone (hub id or folder); default: the one the checkpoint's cache was built with. Must be the same weights.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Backbone (hub id or folder); default: the one the checkpoint records (a relative folder is looked for under the run folder, then here). Must be the same weights.")] = None,
     points: Annotated[Optional[str], typer.Option(help='Points on A as "x,y;x,y;..." in A\'s pixels.')] = None,
     grid: Annotated[Optional[int], typer.Option(min=1, help="Without --points: an N x N grid of points over A (default 5).")] = None,
     load_size: Annotated[int, typer.Option(min=1, help="Matching resolution: descriptor maps are upsampled to it (eval's 224).")] = EVAL_LOAD_SIZE,

@@ -23,7 +23,8 @@ A layer x timestep ablation from the same cache, without re-extracting anything:
     dhf-cache train --cache spair.zarr --dataset spair:/data/SPair-71k --out runs/up3-clean \\
         --layers up_blocks.3.resnets.0,up_blocks.3.resnets.1,up_blocks.3.resnets.2 --timesteps -1,60
 
-Continue a run (same cache and network; a later --steps trains further):
+Continue a run stopped by Ctrl-C, a kill or a crash (the same command with --resume; the run's
+options come from its config.json, and a later --steps trains further):
 
     dhf-cache train --cache spair.zarr --dataset spair:/data/SPair-71k --out runs/dhf --resume --steps 8000
 """
@@ -45,12 +46,16 @@ def _split_ints(text: str | None, option: str) -> tuple[int, ...] | None:
 
 
 DEFAULTS = TrainOptions()  # the CLI shows and uses the config's defaults (METHOD.md's numbers)
+# Options whose parameter names are TrainOptions fields: those typed go to run_train as `given`
+# (with --resume, the others come from the run's config.json).
+OPTION_FIELDS = tuple(name for name in TrainOptions.model_fields if name != "weight_decay")
 LOADER_WAIT_HINT = 0.2  # above this share of the loop waiting for reads, the summary suggests a wider loader
 
 
 @app.command(epilog=TRAIN_EPILOG)
 @report_errors
 def train(
+    ctx: typer.Context,
     cache: Annotated[str, typer.Option(help="Cache URL built by `dhf-cache build`.")],
     dataset: Annotated[str, typer.Option(help="spair:PATH (or pairs:FILE.json) with the keypoint pairs.")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, config.json, metrics.jsonl.")],
@@ -69,7 +74,7 @@ def train(
     val_load_size: Annotated[int, typer.Option(min=8, help="Load size of validation PCK (as eval).")] = DEFAULTS.val_load_size,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the pair order.")] = DEFAULTS.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint, with the options of its config.json (options typed now must match them, except --steps, --lr, --val-every, --skip-missing).")] = False,
     skip_missing: Annotated[bool, typer.Option(help="Train on the pairs whose images are built; skip the rest.")] = False,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
     loader_workers: Annotated[Optional[int], typer.Option(min=1, help="Threads that read and decode cached maps ahead of the step (default: half the CPU cores, 2 to 8). At SD 1.5 size one thread decodes ~0.3 s per image: raise it if the summary's loader wait is high.")] = None,
@@ -93,7 +98,7 @@ def train(
         raise UsageError(invalid_values(exc)) from None
     request = TrainRequest(cache_url=cache, dataset=dataset, out=out, options=options, device=device, resume=resume,
                            storage_options=parse_storage_options(storage_options), progress=progress,
-                           loader_workers=loader_workers, threads=threads)
+                           given=typed_options(ctx), loader_workers=loader_workers, threads=threads)
     result = run_train(request, log=log)
     steps_run = result.end_step - result.start_step
     loop = max(result.loop_seconds, 1e-9)
@@ -111,15 +116,26 @@ def train(
         return
     typer.echo(f"trained {steps_run} steps (now at step {result.end_step}) in {result.seconds:.1f} s "
                f"({summary['steps_per_second']} steps/s) -> {result.run}")
+    if steps_run == 0:  # --resume of a finished run: nothing was done
+        return
     if result.final_loss is not None:
         typer.echo(f"  final loss (mean of last 50 steps): {result.final_loss:.4f}")
     if result.best_val is not None:
-        typer.echo(f"  val PCK@0.1 (bbox, per point): last {result.last_val:.4f}, best {result.best_val:.4f} at step {result.best_step}")
+        last = "-" if result.last_val is None else f"{result.last_val:.4f}"
+        typer.echo(f"  val PCK@0.1 (bbox, per point): last {last}, best {result.best_val:.4f} at step {result.best_step}")
     typer.echo(f"  skipped pairs: {result.skipped}; loader wait {100 * summary['loader_wait_fraction']:.1f}% of the time; "
                f"peak RSS {result.peak_rss_mb:.0f} MB")
     if summary["loader_wait_fraction"] > LOADER_WAIT_HINT and steps_run >= 20:
         typer.echo(f"  the step waited for cached features {100 * summary['loader_wait_fraction']:.0f}% of the time: "
                    f"more reader threads may help (--loader-workers, {result.loader_workers} now), or a faster disk")
+
+
+def typed_options(ctx: typer.Context) -> frozenset[str]:
+    """The TrainOptions fields whose options were set on the command line (or from the
+    environment), not left at their defaults."""
+    return frozenset(name for name in OPTION_FIELDS
+                     if (source := ctx.get_parameter_source(name)) is not None
+                     and source.name not in ("DEFAULT", "DEFAULT_MAP"))
 
 
 IMPORT_EPILOG = """

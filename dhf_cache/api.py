@@ -87,7 +87,10 @@ class Hyperfeatures:
     @classmethod
     def from_checkpoint(cls, run: str | Path, device: str = "auto", model: str | None = None,
                         **kwargs) -> Hyperfeatures:
-        """Load RUN (its best/ weights if present, else last/; or a RUN/last folder)."""
+        """Load RUN (its best/ weights if present, else last/; or a RUN/last folder).
+
+        A malformed config.json, missing, damaged or ill-fitting weights raise CheckpointError
+        naming the file (`dhf_cache.checkpoint.load_checkpoint`)."""
         dev = resolve_device(device)
         return cls(load_checkpoint(run, dev), dev, model, **kwargs)
 

@@ -7,8 +7,13 @@
     RUN/best/...                  the weights with the best validation PCK
     RUN/metrics.jsonl             one line per step (loss) and per validation (PCK)
 
-A checkpoint directory is written to a temporary name and renamed into place, so a crash
-mid-write leaves the previous one intact.
+A checkpoint RUN/<which> is **complete** when its state.json (written last, after every other
+file is on disk) reads as a JSON object and every file it lists loads: the safetensors header
+covers the file exactly and its sha256 is the one state.json records. A save writes
+RUN/.<which>.tmp, then renames RUN/<which> to RUN/.<which>.old and the temporary to RUN/<which>,
+then removes the old one. A kill at any point leaves at least one complete checkpoint, and the
+newest complete one is, in this order: the temporary (a save that finished writing but not
+renaming), RUN/<which>, the old one (killed between the renames). `find_checkpoint` picks it.
 """
 
 from __future__ import annotations
@@ -20,17 +25,21 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 
 from dhf_cache import __version__
 from dhf_cache.aggregator import AggregationNetwork
-from dhf_cache.errors import CheckpointError
+from dhf_cache.errors import CheckpointError, DhfCacheError
 from dhf_cache.fingerprint import sha256_of, spec_differences
 
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_NAMES = ("best", "last")
+MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 
 
 @dataclass
@@ -40,7 +49,12 @@ class Checkpoint:
     network: AggregationNetwork
     config: dict[str, Any]
     state: dict[str, Any]
-    path: Path
+    path: Path  # the weights folder: RUN/best, RUN/last (or a save's temporary name, see above)
+
+    @property
+    def run(self) -> Path:
+        """The run folder (holds config.json)."""
+        return self.path.parent
 
     @property
     def features(self) -> dict[str, Any]:
@@ -75,8 +89,10 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def make_config(network: AggregationNetwork, features: dict, training: dict | None, source: str) -> dict:
@@ -91,24 +107,241 @@ def make_config(network: AggregationNetwork, features: dict, training: dict | No
     }
 
 
+# --- config.json: what a run folder must hold before anything is built from it -------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _LayerEntry(_Strict):
+    name: str = Field(min_length=1)
+    channels: int = Field(ge=1)
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+
+
+class _NetworkEntry(_Strict):
+    layers: list[_LayerEntry] = Field(min_length=1)
+    n_timesteps: int = Field(ge=1)
+    projection_dim: int = Field(ge=4)
+    output_size: int = Field(ge=1)
+    num_groups: int = Field(ge=1)
+
+
+class _FeaturesEntry(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")  # cache_url, reference, ...: informative
+    layers: list[_LayerEntry] = Field(min_length=1)
+    timesteps: list[int] = Field(min_length=1)
+    feature_space: str | None = None
+    feature_space_spec: dict | None = None
+    cache_timesteps: list[int] | None = None
+    preprocessing: dict | None = None
+    model_source: str | None = None
+
+
+class _RunConfig(_Strict):
+    model_config = ConfigDict(strict=True, extra="allow")
+    format: Literal["dhf-cache-checkpoint"]
+    format_version: int
+    network: _NetworkEntry
+    features: _FeaturesEntry
+    training: dict | None = None
+
+
+def one_line_errors(exc: ValidationError, limit: int = 3) -> str:
+    """A pydantic ValidationError as `where: why (got VALUE)` for its first few errors, on one line."""
+    parts = []
+    for error in exc.errors()[:limit]:
+        where = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
+        got = repr(error.get("input"))
+        got = got if len(got) <= 40 else got[:37] + "..."
+        reason = str(error.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {reason}" + ("" if error.get("type") == "missing" else f" (got {got})"))
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def check_config(config: Any, path: Path) -> dict:
+    """`config` (read from `path`) if it describes a network and the features it reads
+    consistently; one CheckpointError line naming `path` otherwise."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not a checkpoint config object")
+    if config.get("format") != "dhf-cache-checkpoint":
+        raise CheckpointError(f"{path}: not a dhf-cache checkpoint config (format {config.get('format')!r}); "
+                              "pass a run folder written by `dhf-cache train` or `dhf-cache import-checkpoint`")
+    version = config.get("format_version")
+    if isinstance(version, int) and version > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this version reads "
+                              f"({CHECKPOINT_FORMAT}); upgrade dhf-cache")
+    try:
+        parsed = _RunConfig.model_validate(config)
+    except ValidationError as exc:
+        raise CheckpointError(f"{path}: malformed ({one_line_errors(exc)}); restore the run's config.json "
+                              "or train again") from None
+    network, features = parsed.network, parsed.features
+    problems = []
+    if [layer.model_dump() for layer in features.layers] != [layer.model_dump() for layer in network.layers]:
+        problems.append("features.layers and network.layers name different layers")
+    if len(features.timesteps) != network.n_timesteps:
+        problems.append(f"{len(features.timesteps)} features.timesteps for network.n_timesteps {network.n_timesteps}")
+    if features.cache_timesteps is not None and features.feature_space_spec is not None:
+        # both or neither are read (`_checkpoint_steps`: a timestep's step index, by position)
+        save_steps = features.feature_space_spec.get("save_steps")
+        if (not isinstance(save_steps, list) or len(save_steps) != len(features.cache_timesteps)
+                or not all(isinstance(s, int) for s in save_steps)):
+            problems.append("features.feature_space_spec.save_steps does not align with features.cache_timesteps")
+        outside = [t for t in features.timesteps if t not in features.cache_timesteps]
+        if outside:
+            problems.append(f"features.timesteps {outside} are not in features.cache_timesteps")
+    if problems:
+        raise CheckpointError(f"{path}: inconsistent ({'; '.join(problems)}); restore the run's config.json or train again")
+    return config
+
+
+def read_config(path: Path) -> dict:
+    """RUN/config.json, checked (`check_config`)."""
+    return check_config(read_json(path), path)
+
+
+def build_network(config: dict, path: Path) -> AggregationNetwork:
+    """The network `config` (checked by `check_config`) describes; CheckpointError naming `path`
+    when its numbers cannot make one (e.g. GroupNorm groups that do not divide the channels)."""
+    try:
+        return AggregationNetwork.from_config(config["network"])
+    except DhfCacheError as exc:
+        raise CheckpointError(f"{path}: network cannot be built ({exc})") from None
+
+
+# --- writing and finding complete checkpoints --------------------------------------------------
+
+
+def _write_synced(path: Path, data: bytes) -> str:
+    """Write `data` to `path` and flush it to the disk; returns its sha256."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not possible on every platform; the renames still order the writes
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _slots(run: Path, which: str) -> tuple[Path, Path, Path]:
+    """(RUN/.which.tmp, RUN/which, RUN/.which.old): newest first."""
+    return run / f".{which}.tmp", run / which, run / f".{which}.old"
+
+
 def save_checkpoint(run: Path, which: str, network: AggregationNetwork, state: dict,
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write RUN/<which>/ atomically (temp dir + rename)."""
-    final = run / which
-    tmp = run / f".{which}.tmp"
+    """Write RUN/<which>/ so that a kill at any moment leaves a complete checkpoint (module doc)."""
+    tmp, final, old = _slots(run, which)
+    if not final.exists():
+        promote_checkpoint(run, which)  # a save killed between its renames: its temporary is the newest
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, tmp / "model.safetensors")
+    files = {MODEL_FILE: _write_synced(tmp / MODEL_FILE, save(
+        {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}))}
     if optimizer is not None:
         tensors, groups = _optimizer_to_tensors(optimizer)
-        save_file(tensors, tmp / "optimizer.safetensors")
+        files[OPTIMIZER_FILE] = _write_synced(tmp / OPTIMIZER_FILE, save(tensors))
         state = {**state, "optimizer_param_groups": groups}
-    write_json(tmp / "state.json", state)
-    old = run / f".{which}.old"
+    # state.json last: it marks the checkpoint complete and records what its files must hash to
+    _write_synced(tmp / STATE_FILE, (json.dumps({**state, "files": files}, indent=2, sort_keys=True) + "\n").encode())
+    _sync_dir(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    _sync_dir(run)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why `directory` is not a complete checkpoint, as `FILE: reason` (None when it is)."""
+    state_path = directory / STATE_FILE
+    if not state_path.is_file():
+        return f"{state_path}: missing (a save that did not finish)"
+    try:
+        state = json.loads(state_path.read_text())
+    except (ValueError, OSError) as exc:
+        return f"{state_path}: not valid JSON ({exc})"
+    if not isinstance(state, dict):
+        return f"{state_path}: not a JSON object"
+    recorded = state.get("files", {})
+    if not isinstance(recorded, dict):
+        return f"{state_path}: `files` is not an object of sha256 digests"
+    names = [MODEL_FILE] + ([OPTIMIZER_FILE] if "optimizer_param_groups" in state else [])
+    for name in names:  # only these names: a crafted state.json cannot point at other files
+        path = directory / name
+        if not path.is_file():
+            return f"{path}: missing"
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{path}: truncated or damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+        if name in recorded and _file_sha256(path) != recorded[name]:
+            return f"{path}: its sha256 differs from the one state.json records (the file is damaged)"
+    return None
+
+
+def find_checkpoint(run: Path, which: str) -> Path | None:
+    """The newest complete RUN/<which> checkpoint (see the module doc), or None when there is none.
+
+    A damaged RUN/<which> itself is refused (CheckpointError naming the file), not skipped: no
+    save leaves one, so older weights would be a silent surprise."""
+    tmp, final, old = _slots(run, which)
+    if tmp.is_dir() and checkpoint_problem(tmp) is None:
+        return tmp
+    if final.exists():
+        problem = checkpoint_problem(final)
+        if problem:
+            raise CheckpointError(f"{problem}; the checkpoint {final} cannot be used: restore it, or train again")
+        return final
+    if old.is_dir() and checkpoint_problem(old) is None:
+        return old
+    return None
+
+
+def promote_checkpoint(run: Path, which: str) -> Path | None:
+    """Make the newest complete checkpoint RUN/<which> again (after a save killed mid-way) and
+    remove what that save left; returns RUN/<which>, or None when there is no complete checkpoint."""
+    tmp, final, old = _slots(run, which)
+    found = find_checkpoint(run, which)
+    if found is None:
+        return None
+    if found == final:  # the others are older or incomplete
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif found == tmp:
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    else:  # the old one: the temporary is incomplete
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(old, final)
+    _sync_dir(run)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -124,44 +357,85 @@ def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, t
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, directory: Path, state: dict) -> None:
-    path = directory / "optimizer.safetensors"
+    """Restore `optimizer` from `directory` (a complete checkpoint); CheckpointError naming the
+    file when its contents do not fit this optimizer."""
+    path = directory / OPTIMIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; this checkpoint cannot be resumed (it holds weights only)")
-    tensors = load_file(path)
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        per_param.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer_param_groups"]})
+    groups = state.get("optimizer_param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise CheckpointError(f"{directory / STATE_FILE}: optimizer_param_groups is missing or malformed; "
+                              "this checkpoint cannot be resumed")
+    try:
+        tensors = load_file(path)
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            pid, name = key.split(".", 1)
+            per_param.setdefault(int(pid), {})[name] = value
+        optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: does not fit the network's optimizer ({detail}); "
+                              "this checkpoint cannot be resumed") from None
+
+
+def load_weights(network: AggregationNetwork, path: Path) -> None:
+    """Load `path` (model.safetensors) into `network` strictly; one CheckpointError line naming
+    the file and the first differences when it does not fit."""
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({str(exc).strip() or type(exc).__name__})") from None
+    expected = {name: tuple(t.shape) for name, t in network.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [f"{name} {tuple(tensors[name].shape)} (network: {shape})"
+              for name, shape in expected.items() if name in tensors and tuple(tensors[name].shape) != shape]
+    not_float = [name for name, t in tensors.items() if name in expected and not t.is_floating_point()]
+    if missing or unexpected or shapes or not_float:
+        parts = [f"{label}: {', '.join(items[:3])}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+                 for label, items in (("missing", missing), ("unexpected", unexpected),
+                                      ("wrong shape", shapes), ("not floating point", not_float)) if items]
+        raise CheckpointError(f"{path}: does not fit the network in config.json ({'; '.join(parts)})")
+    network.load_state_dict(tensors, strict=True)
 
 
 def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, Path]:
-    """(run dir, weights dir): RUN means RUN/best if present, else RUN/last; RUN/last works too."""
+    """(run dir, weights dir): RUN means RUN/best if present, else RUN/last; RUN/last works too.
+    Either is the newest complete checkpoint of that name (module doc)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file() and (path.parent / "config.json").is_file():
-        return path.parent, path
+    if (path.parent / "config.json").is_file() and (path.name in CHECKPOINT_NAMES or (path / MODEL_FILE).is_file()):
+        if path.name not in CHECKPOINT_NAMES:  # a checkpoint folder by another name: taken as it is
+            problem = checkpoint_problem(path)
+            if problem:
+                raise CheckpointError(f"{problem}; the checkpoint {path} cannot be used")
+            return path.parent, path
+        found = find_checkpoint(path.parent, path.name)
+        if found is None:
+            raise CheckpointError(f"--checkpoint {path}: no complete checkpoint there (nothing saved yet)")
+        return path.parent, found
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"--checkpoint {path}: no config.json there; pass a run folder written by `dhf-cache train` "
             "or `dhf-cache import-checkpoint`"
         )
-    for which in ("best", "last"):
-        if (path / which / "model.safetensors").is_file():
-            return path, path / which
-    raise CheckpointError(f"--checkpoint {path}: holds no weights yet (no best/ or last/ with model.safetensors)")
+    for which in CHECKPOINT_NAMES:
+        found = find_checkpoint(path, which)
+        if found is not None:
+            return path, found
+    raise CheckpointError(f"--checkpoint {path}: holds no weights yet (no complete best/ or last/ checkpoint)")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """The network of a run folder (or one of its checkpoint folders), checked: a malformed
+    config.json, missing, damaged or ill-fitting weights give one CheckpointError line."""
     run, weights = resolve_checkpoint_dir(path)
-    config = read_json(run / "config.json")
-    if config.get("format") != "dhf-cache-checkpoint" or config.get("format_version", 99) > CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{run / 'config.json'}: not a dhf-cache checkpoint of a format this version reads")
-    network = AggregationNetwork.from_config(config["network"])
-    try:
-        network.load_state_dict(load_file(weights / "model.safetensors"), strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise CheckpointError(f"{weights / 'model.safetensors'}: does not fit the network in config.json ({exc})") from None
-    state = read_json(weights / "state.json") if (weights / "state.json").is_file() else {}
+    config = read_config(run / "config.json")
+    network = build_network(config, run / "config.json")
+    load_weights(network, weights / MODEL_FILE)
+    state = read_json(weights / STATE_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{weights / STATE_FILE}: not a JSON object")
     return Checkpoint(network.to(device).eval(), config, state, weights)
 
 

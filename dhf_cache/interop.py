@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dhf_cache.aggregator import AggregationNetwork
-from dhf_cache.errors import ReferenceCheckpointError
+from dhf_cache.errors import DhfCacheError, ReferenceCheckpointError
 from dhf_cache.layers import LayerInfo
 
 REFERENCE_NUM_GROUPS = 32  # GroupNorm groups of every released network (not stored in the file)
@@ -93,7 +93,13 @@ def reference_layout(state: Mapping) -> dict:
         raise ReferenceCheckpointError(
             f"reference mixing_weights has shape {shape}; expected (T * {n_layers},) for {n_layers} layers"
         )
-    return {"channels": channels, "projection_dim": int(conv3.shape[0]), "n_timesteps": mixing.numel() // n_layers}
+    p = int(conv3.shape[0])
+    if p < 4 or p % 4 or mixing.numel() == 0:
+        raise ReferenceCheckpointError(
+            f"reference layout does not make a network: projection dim {p} (conv3 output channels; a positive "
+            f"multiple of 4 is needed), {mixing.numel()} mixing weights for {n_layers} layers"
+        )
+    return {"channels": channels, "projection_dim": p, "n_timesteps": mixing.numel() // n_layers}
 
 
 def reference_positions(layers: Sequence[LayerInfo]) -> list[int]:
@@ -230,10 +236,14 @@ def load_reference_checkpoint(path: str | Path) -> tuple[dict, dict]:
         )
     if not isinstance(state, Mapping) or not isinstance(config, Mapping):
         raise ReferenceCheckpointError(f"{path}: `aggregation_network` or `config` is not a dict")
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    not_tensors = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ReferenceCheckpointError(f"{path}: state dict entries that are not tensors: {_listing(not_tensors)}")
-    return dict(state), dict(config)
+    try:
+        config = _plain(config, "config")
+    except ReferenceCheckpointError as exc:
+        raise ReferenceCheckpointError(f"{path}: {exc}") from None
+    return dict(state), config
 
 
 def reference_time_axis(config: Mapping) -> tuple[int, tuple[int, ...]] | None:
@@ -245,10 +255,43 @@ def reference_time_axis(config: Mapping) -> tuple[int, tuple[int, ...]] | None:
     """
     if "save_timestep" not in config or "num_timesteps" not in config:
         return None
-    steps = tuple(int(s) for s in config["save_timestep"])
-    if config.get("flip_timesteps", False):
-        steps = steps[::-1]
-    return int(config["num_timesteps"]), steps
+    total, saved, flip = config["num_timesteps"], config["save_timestep"], config.get("flip_timesteps", False)
+    if not _is_int(total) or total < 1:
+        raise ReferenceCheckpointError(f"reference config num_timesteps {total!r}: expected a positive integer")
+    if (not isinstance(saved, (list, tuple)) or not saved
+            or not all(_is_int(s) and 0 <= s < total for s in saved) or len(set(saved)) != len(saved)):
+        raise ReferenceCheckpointError(
+            f"reference config save_timestep {saved!r}: expected a list of distinct step indices in 0..{total - 1}"
+        )
+    if not isinstance(flip, bool):
+        raise ReferenceCheckpointError(f"reference config flip_timesteps {flip!r}: expected true or false")
+    steps = tuple(int(s) for s in saved)
+    return int(total), steps[::-1] if flip else steps
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain(value, where: str):
+    """`value` as JSON data (a run folder records the reference's config); tensors of one number
+    become that number. ReferenceCheckpointError naming `where` for anything else."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ReferenceCheckpointError(f"reference {where} has keys that are not strings: {bad[:3]!r}")
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise ReferenceCheckpointError(
+        f"reference {where} is a {type(value).__name__}, not plain data (numbers, strings, lists, dicts)"
+    )
 
 
 def load_reference_aggregator(
@@ -259,8 +302,12 @@ def load_reference_aggregator(
     layout = reference_layout(state)
     t = layout["n_timesteps"] if n_timesteps is None else n_timesteps
     converted = convert_reference_state_dict(state, layers, t)
-    net = AggregationNetwork(
-        layers, t, projection_dim=layout["projection_dim"], output_size=output_size, num_groups=REFERENCE_NUM_GROUPS
-    )
-    net.load_state_dict(converted, strict=True)
+    try:
+        net = AggregationNetwork(
+            layers, t, projection_dim=layout["projection_dim"], output_size=output_size, num_groups=REFERENCE_NUM_GROUPS
+        )
+        net.load_state_dict(converted, strict=True)
+    except (DhfCacheError, RuntimeError) as exc:  # e.g. a projection dim GroupNorm(32) cannot split
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReferenceCheckpointError(f"{path}: the reference network cannot be rebuilt ({detail})") from None
     return net, config

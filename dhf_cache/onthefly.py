@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -77,6 +78,38 @@ def checkpoint_spec(checkpoint: Checkpoint) -> tuple[FeatureSpace | None, Prepro
     return space, pre
 
 
+def _looks_like_hub_id(source: str) -> bool:
+    """`name` or `org/name`: what load_backbone tries in the Hugging Face cache (not a path)."""
+    return not source.startswith((".", "/", "~")) and source.count("/") <= 1
+
+
+def recorded_model(checkpoint: Checkpoint) -> tuple[str, list[str]]:
+    """(the backbone the checkpoint records, the folders tried for it).
+
+    New checkpoints record a local folder as an absolute path. A relative one (older
+    checkpoints stored the cache's `model_source` as given) is looked for under the run folder,
+    then the working folder; a hub id is returned as is for load_backbone. ModelNotFoundError
+    in one line, naming what was tried, when none of these can be the model."""
+    recorded = checkpoint.features.get("model_source")
+    if not recorded:
+        raise CheckpointError(
+            f"{checkpoint.path}: the checkpoint records no model it was built with; pass the backbone "
+            "with --model ID|DIR (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
+        )
+    path = Path(recorded).expanduser()
+    candidates = [path] if path.is_absolute() else [checkpoint.run / path, Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate.resolve()), []
+    tried = [f"{candidate} (no such folder)" for candidate in candidates]
+    if path.is_absolute() or not _looks_like_hub_id(recorded):
+        raise ModelNotFoundError(
+            f"{checkpoint.run}: the checkpoint's model {recorded!r} was not found (tried {'; '.join(tried)}); "
+            "pass --model ID|DIR with the backbone it was trained with"
+        )
+    return recorded, tried
+
+
 def identity_differences(want: dict, have: dict) -> list[str]:
     """`field: checkpoint <hash>, loaded model <hash>` for every field of the identity that differs."""
     return [f"{key}: checkpoint {want.get(key)}, loaded model {have.get(key)}"
@@ -105,19 +138,21 @@ class OnTheFlyExtractor:
         self.notes: list[str] = []
         space, pre = checkpoint_spec(checkpoint)
         self.bound = space is not None
-        source = model or checkpoint.features.get("model_source")
-        if not source:
-            raise CheckpointError(
-                f"{checkpoint.path}: the checkpoint records no model it was built with; pass the backbone "
-                "with --model ID|DIR (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5)"
-            )
-        try:
+        if model:
+            source = model
             self.backbone: Backbone = load_backbone(source, self.dtype)
-        except ModelNotFoundError as exc:
-            if model:
-                raise
-            raise ModelNotFoundError(f"{exc}\n(the checkpoint's recorded model source; pass --model to use another "
-                                     "copy of the same model)") from None
+        else:
+            source, tried = recorded_model(checkpoint)
+            try:
+                self.backbone = load_backbone(source, self.dtype)
+            except ModelNotFoundError:
+                if not tried:  # the folder was found: its own error says what is wrong with it
+                    raise
+                raise ModelNotFoundError(
+                    f"{checkpoint.run}: the checkpoint's model {checkpoint.features['model_source']!r} was not found "
+                    f"(tried {'; '.join(tried + ['the Hugging Face cache'])}); pass --model ID|DIR with the "
+                    "backbone it was trained with"
+                ) from None
         identity = self.backbone.identity  # hashed on the CPU, rounded to fp16 (device-independent)
         if space is not None:
             problems = identity_differences(space.model.model_dump(), identity.model_dump())

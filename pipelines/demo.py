@@ -9,7 +9,6 @@ Every stage reuses what an earlier run left in the work folder (the cache, a fin
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -71,7 +70,7 @@ class DemoPaths:
 @dataclass
 class DemoResult:
     build: BuildResult
-    train: TrainResult | None
+    train: TrainResult
     trained: EvalResult
     raw: EvalResult
 
@@ -106,15 +105,11 @@ def run_demo(workdir: Path, model: str | None, device: str, log: Callable[[str],
         BuildOptions(batch_size=4, device=device, progress=progress), log=log,
     )
     log("== stage two: train the aggregation network from the cache")
-    trained_run = None
-    state = paths.run / "last" / "state.json"
-    if state.is_file() and json.loads(state.read_text()).get("step", 0) >= settings.train.steps:
-        log(f"{paths.run} is already trained ({settings.train.steps} steps); reusing it")
-    else:
-        trained_run = run_train(
-            TrainRequest(cache_url=str(paths.cache), dataset=dataset, out=paths.run, options=settings.train,
-                         device=device, resume=True, progress=progress), log=log,
-        )
+    # resume=True: a finished run is reused ("nothing to train"), an interrupted one continues
+    trained_run = run_train(
+        TrainRequest(cache_url=str(paths.cache), dataset=dataset, out=paths.run, options=settings.train,
+                     device=device, resume=True, progress=progress), log=log,
+    )
     log("== stage three: evaluate the trained network and the best raw map")
     common = dict(cache_url=str(paths.cache), dataset=dataset, load_size=settings.eval_load_size,
                   device=device, progress=progress)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import make_config, save_checkpoint, write_json
+from dhf_cache.checkpoint import CHECKPOINT_NAMES, find_checkpoint, make_config, save_checkpoint, write_json
 from dhf_cache.config import SD15_SAVE_STEPS, SchedulerSpec
 from dhf_cache.errors import CheckpointError, ReferenceCheckpointError
 from dhf_cache.feature_loader import select_features
@@ -22,10 +22,13 @@ from dhf_cache.pipelines.train import features_binding
 _SD_SIDES = (8, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64)
 
 
-def _reference_timesteps(config: dict, n_timesteps: int) -> list[int]:
+def _reference_timesteps(file: Path, config: dict, n_timesteps: int) -> list[int]:
     from dhf_cache.inversion import make_schedule
 
-    axis = reference_time_axis(config)
+    try:
+        axis = reference_time_axis(config)
+    except ReferenceCheckpointError as exc:
+        raise ReferenceCheckpointError(f"{file}: {exc}; pass --cache to bind it to a cache instead") from None
     if axis is None:  # no config in the file: the released SD 1.5 (11 steps) or one-step (1) variants
         axis = (50, SD15_SAVE_STEPS) if n_timesteps == 11 else (1, (0,)) if n_timesteps == 1 else (0, ())
     steps, save = axis
@@ -39,7 +42,9 @@ def _reference_timesteps(config: dict, n_timesteps: int) -> list[int]:
 
 
 def import_reference_checkpoint(file: Path, out: Path, cache_url: str | None, storage_options: dict) -> dict:
-    if (out / "config.json").exists():
+    """Write OUT/last (weights) and then OUT/config.json: config.json is written last, so an import
+    killed before it leaves no run, and rerunning the same command completes it."""
+    if (out / "config.json").exists() and any(find_checkpoint(out, which) for which in CHECKPOINT_NAMES):
         raise CheckpointError(f"--out {out} already holds a run; choose another folder")
     state, ref_config = load_reference_checkpoint(file)
     layout = reference_layout(state)
@@ -62,10 +67,12 @@ def import_reference_checkpoint(file: Path, out: Path, cache_url: str | None, st
         names = [f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)]
         layers = [LayerInfo(n, c, s, s) for n, c, s in zip(names, layout["channels"], _SD_SIDES)]
         features = {"layers": [layer.as_dict() for layer in layers],
-                    "timesteps": _reference_timesteps(ref_config, n_t), "feature_space": None}
+                    "timesteps": _reference_timesteps(file, ref_config, n_t), "feature_space": None}
     network, _ = load_reference_aggregator(file, layers, n_t)
     features["reference"] = {"file": str(file), "config": ref_config}
+    step = ref_config.get("step")
     out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, "last", network, {"step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+                                           "imported_from": str(file)})
     write_json(out / "config.json", make_config(network, features, None, source=f"imported:{Path(file).name}"))
-    save_checkpoint(out, "last", network, {"step": ref_config.get("step"), "imported_from": str(file)})
     return {"layers": n_layers, "timesteps": n_t, "projection_dim": layout["projection_dim"]}

@@ -4,15 +4,24 @@ Each step reads the cached maps of one pair (or `pairs_per_step` pairs), prefetc
 background, runs the network on both images and takes an AdamW step on the symmetric
 cross-entropy of METHOD.md. The pair order is a pure function of (seed, step), so a resumed run
 computes exactly what an uninterrupted one does.
+
+Every interruption can be resumed by rerunning the same command with --resume: a run killed
+before its first checkpoint starts again at step 0 (nothing trained was kept), one killed
+mid-save resumes from its newest complete checkpoint (dhf_cache/checkpoint.py), and Ctrl-C
+saves the last finished step before exiting. metrics.jsonl is flushed every step, before the
+checkpoint of that step, so a checkpoint at step s always has the metric lines up to s.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +30,16 @@ import torch
 
 from dhf_cache.aggregator import AggregationNetwork
 from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import load_optimizer_state, make_config, read_json, save_checkpoint, write_json
+from dhf_cache.checkpoint import (make_config, save_checkpoint)
 from dhf_cache.config import TrainOptions
 from dhf_cache.datasets import PairRecord, open_dataset
 from dhf_cache.descriptors import LRUDescriptors, network_descriptors
 from dhf_cache.device import resolve_device
-from dhf_cache.errors import CheckpointError, TrainingError, UsageError
+from dhf_cache.errors import TrainingError, UsageError
 from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, select_features
-from dhf_cache.fingerprint import spec_differences
 from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
 from dhf_cache.progress import progress_bar
+from dhf_cache.pipelines.run_folder import open_run, start_run
 from dhf_cache.scoring import score_pairs
 
 VAL_METRIC = "bbox@0.1"
@@ -46,6 +55,9 @@ class TrainRequest:
     resume: bool = False
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
+    # TrainOptions fields the user set (None: all of them). With --resume the others come from
+    # the run's config.json, and a given one that must match the run and does not is refused.
+    given: frozenset[str] | None = None
     prefetch: int | None = None  # steps read ahead (None: Prefetcher's default, loader_workers + 2)
     loader_workers: int | None = None  # reader threads (None: Prefetcher's default, default_loader_workers())
     threads: int | None = None  # torch intra-op threads (None: torch's own choice; CPU results depend on it)
@@ -96,7 +108,18 @@ class PairSchedule:
 def usable_pairs(pairs: list[PairRecord], index: dict[str, int], done: np.ndarray, skip_missing: bool,
                  what: str, hint: str) -> tuple[list[PairRecord], dict[str, int]]:
     """Drop pairs without keypoints (counted); refuse (or with skip_missing, drop) pairs whose
-    images the cache has not built."""
+    images the data set cannot read (`PairRecord.error`) or the cache has not built. The
+    counts also hold the keypoints the data set dropped for not being finite."""
+    dropped_kps = sum(p.dropped_kps for p in pairs)
+    unreadable = [p for p in pairs if p.error]
+    if unreadable and not skip_missing:
+        shown = "; ".join(f"{p.name}: {p.error}" for p in unreadable[:3])
+        more = f"; ... ({len(unreadable)} in all)" if len(unreadable) > 3 else ""
+        raise TrainingError(
+            f"{len(unreadable)} {what} pairs use images that cannot be read ({shown}{more}). Fix the data set, "
+            f"or pass --skip-missing to go on with the other {len(pairs) - len(unreadable)} pairs."
+        )
+    pairs = [p for p in pairs if not p.error]
     no_kps = [p for p in pairs if len(p.src_kps) == 0]
     pairs = [p for p in pairs if len(p.src_kps) > 0]
     ok = lambda image_id: image_id in index and bool(done[index[image_id]])  # noqa: E731
@@ -109,7 +132,8 @@ def usable_pairs(pairs: list[PairRecord], index: dict[str, int], done: np.ndarra
             f"({hint}), or pass --skip-missing to go on with the other {len(pairs) - len(missing)} pairs."
         )
     kept = [p for p in pairs if ok(p.src) and ok(p.trg)]
-    return kept, {"no_keypoints": len(no_kps), "missing_images": len(missing)}
+    return kept, {"no_keypoints": len(no_kps), "missing_images": len(missing), "unreadable_images": len(unreadable),
+                  "nonfinite_keypoints": dropped_kps}
 
 
 def pick_val_pairs(pairs: list[PairRecord], per_category: int, seed: int) -> list[PairRecord]:
@@ -137,15 +161,35 @@ def features_binding(cache: FeatureCache, selection: FeatureSelection) -> dict:
         "preprocessing": cache.spec.preprocessing.model_dump(mode="json"),
         "cache_fingerprint": cache.fingerprint,
         "cache_url": cache.url,
-        "model_source": cache.meta.get("provenance", {}).get("model_source"),
+        "model_source": recorded_model_source(cache.meta.get("provenance", {}).get("model_source")),
     }
 
 
+def recorded_model_source(source: str | None) -> str | None:
+    """The backbone as a checkpoint records it: a local folder (relative to the working folder)
+    as an absolute path, so match and the Python API find it from anywhere; a hub id as is."""
+    if not source:
+        return source
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_dir() else source
+
+
 def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> TrainResult:
-    opts = request.options
     started = time.perf_counter()
     if request.threads:
         torch.set_num_threads(request.threads)
+    folder = open_run(request, log)
+    opts = folder.options
+    if folder.state is not None and folder.state["step"] >= opts.steps and not folder.state.get("pending_validation"):
+        step = folder.state["step"]
+        log(f"{request.out} is already at step {step} of {opts.steps}: nothing to train "
+            "(pass a larger --steps to train further)")
+        return TrainResult(
+            run=request.out, start_step=step, end_step=step, n_pairs=0, skipped={}, final_loss=None,
+            best_val=folder.state.get("best_val"), best_step=folder.state.get("best_step"), last_val=None,
+            seconds=time.perf_counter() - started, loop_seconds=0.0, loader_wait_seconds=0.0,
+            peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=0,
+        )
     cache = FeatureCache.open(request.cache_url, request.storage_options)
     dataset = open_dataset(request.dataset)
     selection = select_features(cache, opts.layers, opts.timesteps)
@@ -173,9 +217,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
     optimizer = torch.optim.AdamW(network.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     config = make_config(network, features_binding(cache, selection),
                          {"options": opts.model_dump(mode="json"), "dataset": request.dataset}, source="trained")
-    start_step, best = _prepare_run(request, config, network, optimizer, log)
-    if start_step >= opts.steps:
-        log(f"{request.out} is already at step {start_step} of {opts.steps}; raise --steps to train further")
+    start_step, best, pending_validation = start_run(request, folder, config, network, optimizer, log)
 
     reader = FeatureReader(cache, selection)
     schedule = PairSchedule(len(train_pairs), opts.pairs_per_step, opts.seed)
@@ -192,7 +234,8 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
 
     log(
         f"training on {len(train_pairs)} pairs ({skipped['no_keypoints']} without keypoints, "
-        f"{skipped['missing_images']} with missing images skipped), {len(val_pairs)} validation pairs; "
+        f"{skipped['missing_images']} with missing images, {skipped['unreadable_images']} with unreadable images "
+        f"skipped; {skipped['nonfinite_keypoints']} non-finite keypoints dropped), {len(val_pairs)} validation pairs; "
         f"{len(selection.layers)} layers x {len(selection.positions)} timesteps, "
         f"{sum(p.numel() for p in network.parameters()):,} parameters, on {device}"
     )
@@ -202,46 +245,134 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
     bar.update(start_step)
     losses: list[float] = []
     last_val = None
-    step = start_step
+    out = request.out
+    done_step = saved_step = start_step  # the last step whose update finished; the step last/ holds
+    validating: int | None = None  # the step being validated (its checkpoint is written after)
+    guard = DeferredInterrupt()
     loop_start = time.perf_counter()
     staging = StepInputs(device)
-    with open(request.out / "metrics.jsonl", "a") as metrics:
-        for step, batch, feats in prefetcher:
-            network.train()
-            loss = _train_step(network, optimizer, batch, feats, device, staging)
-            if not np.isfinite(loss):
-                save_checkpoint(request.out, "last", network, {"step": step - 1, **best}, optimizer)
-                raise TrainingError(
-                    f"the loss became {loss} at step {step} (pair {batch[0].pair.name}); stopped. The weights "
-                    f"before this step are kept in {request.out / 'last'} (step {step - 1}); lower --lr and resume."
-                )
-            losses.append(loss)
-            metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-            if step % opts.val_every == 0 or step == opts.steps:
-                record: dict = {"step": step}
-                if val_pairs:
-                    summary = validate(network, reader, index, val_pairs, opts.val_load_size, device)
-                    last_val = summary[VAL_METRIC]["per_point"]
-                    record["val"] = {k: v for k, v in summary.items() if "@" in k}
-                    if best["best_val"] is None or (last_val is not None and last_val > best["best_val"]):
-                        best = {"best_val": last_val, "best_step": step}
-                        save_checkpoint(request.out, "best", network, {"step": step, "val_pck": last_val})
-                    bar.write(f"step {step}: val PCK {VAL_METRIC} per point = {last_val:.4f} "
-                              f"(best {best['best_val']:.4f} at {best['best_step']})", file=sys.stderr)
-                save_checkpoint(request.out, "last", network, {"step": step, **best}, optimizer)
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+
+    def validate_and_save(step: int) -> None:
+        """Validate at `step`, then write best/ (if better), the metrics record and last/."""
+        nonlocal best, last_val, saved_step, validating
+        validating = step
+        record: dict = {"step": step}
+        if val_pairs:
+            summary = validate(network, reader, index, val_pairs, opts.val_load_size, device)
+            last_val = summary[VAL_METRIC]["per_point"]
+            record["val"] = {k: v for k, v in summary.items() if "@" in k}
+        with guard.deferred():
+            if val_pairs:
+                if best["best_val"] is None or (last_val is not None and last_val > best["best_val"]):
+                    best = {"best_val": last_val, "best_step": step}
+                    save_checkpoint(out, "best", network, {"step": step, "val_pck": last_val})
+                bar.write(f"step {step}: val PCK {VAL_METRIC} per point = {last_val:.4f} "
+                          f"(best {best['best_val']:.4f} at {best['best_step']})", file=sys.stderr)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            save_checkpoint(out, "last", network, {"step": step, **best}, optimizer)
+            saved_step, validating = step, None
+
+    with guard, open(out / "metrics.jsonl", "a") as metrics:
+        batches = iter(prefetcher)
+        try:
+            if pending_validation:  # Ctrl-C came during this step's validation: do it now
+                validate_and_save(start_step)
+            for step, batch, feats in batches:
+                with guard.deferred():  # an update cut short would leave weights of no step
+                    network.train()
+                    loss = _train_step(network, optimizer, batch, feats, device, staging)
+                    if not np.isfinite(loss):
+                        save_checkpoint(out, "last", network, {"step": step - 1, **best}, optimizer)
+                        raise _non_finite_loss(loss, step, batch, feats, request, out)
+                    done_step = step
+                    losses.append(loss)
+                    metrics.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                    metrics.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+                if step % opts.val_every == 0 or step == opts.steps:
+                    validate_and_save(step)
+        except KeyboardInterrupt:
+            with guard.deferred():
+                if done_step > saved_step or validating is not None:
+                    pending = {"pending_validation": True} if validating == done_step else {}
+                    save_checkpoint(out, "last", network, {"step": done_step, **best, **pending}, optimizer)
+            log(f"interrupted: {out / 'last'} holds step {done_step}; rerun the same command with --resume to continue")
+            raise
+        finally:
+            batches.close()
     bar.close()
     loop_seconds = time.perf_counter() - loop_start
     return TrainResult(
-        run=request.out, start_step=start_step, end_step=max(step, start_step), n_pairs=len(train_pairs),
+        run=request.out, start_step=start_step, end_step=max(done_step, start_step), n_pairs=len(train_pairs),
         skipped=skipped, final_loss=float(np.mean(losses[-50:])) if losses else None,
         best_val=best["best_val"], best_step=best["best_step"], last_val=last_val,
         seconds=time.perf_counter() - started, loop_seconds=loop_seconds, loader_wait_seconds=min(prefetcher.wait_seconds, loop_seconds),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=prefetcher.workers,
     )
+
+
+def _non_finite_loss(loss: float, step: int, batch: list[_Example], feats, request: TrainRequest, out: Path) -> TrainingError:
+    """Why the loss of `step` is not finite: damaged cached features (named), else the step size.
+    Only run once the loss is found non-finite, so it costs nothing on the happy path."""
+    kept = f"The weights before this step are kept in {out / 'last'} (step {step - 1})"
+    damaged = [f"{image_id} (layer {name})"
+               for example, pair_feats in zip(batch, feats)
+               for image_id, maps in zip((example.pair.src, example.pair.trg), pair_feats)
+               for name, tensor in maps.items() if not bool(torch.isfinite(tensor).all())]
+    if damaged:
+        shown = ", ".join(damaged[:4]) + (f" and {len(damaged) - 4} more" if len(damaged) > 4 else "")
+        return TrainingError(
+            f"the loss became {loss} at step {step} because the cached features of {shown} are not finite "
+            f"(NaN or inf): the cache {request.cache_url} is damaged. Run `dhf-cache verify {request.cache_url} "
+            f"--repair`, rebuild with `dhf-cache build --dataset {request.dataset} --cache {request.cache_url}`, "
+            f"then rerun with --resume. {kept}."
+        )
+    return TrainingError(
+        f"the loss became {loss} at step {step} (pair {batch[0].pair.name}); stopped. {kept}; lower --lr and resume."
+    )
+
+
+class DeferredInterrupt:
+    """Ctrl-C (SIGINT) held back inside `deferred()` blocks and raised as KeyboardInterrupt when
+    the outermost one ends; raised at once elsewhere.
+
+    Why: an optimizer step or a checkpoint cut short leaves weights of no step; outside those
+    blocks the weights are those of the last finished step, which the caller then saves. Only
+    the main thread can take signals, and a SIGINT ignored by the parent stays ignored."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending = False
+        self._previous = None
+
+    def __enter__(self) -> DeferredInterrupt:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 class StepInputs:
@@ -291,63 +422,3 @@ def validate(network, reader: FeatureReader, index: dict[str, int], pairs: list[
     provider = LRUDescriptors(network_descriptors(network, reader, index, device), capacity=64)
     accumulator, _ = score_pairs(pairs, provider, load_size, alphas=(0.1,))
     return accumulator.summary()
-
-
-def _prepare_run(request: TrainRequest, config: dict, network, optimizer, log) -> tuple[int, dict]:
-    """Start a new run folder, or (with --resume) load its last checkpoint after checking that
-    it reads the same features with the same network."""
-    out = request.out
-    best = {"best_val": None, "best_step": None}
-    existing_config = out / "config.json"
-    if existing_config.is_file():
-        if not request.resume:
-            raise CheckpointError(
-                f"--out {out} already holds a run; pass --resume to continue it, or choose another --out"
-            )
-        old = read_json(existing_config)
-        problems = _resume_differences(old, config)
-        if problems:
-            raise CheckpointError(f"--resume {out}: the run does not fit this cache or network:\n  " + "\n  ".join(problems))
-        last = out / "last"
-        if not (last / "model.safetensors").is_file():
-            raise CheckpointError(f"--resume {out}: no last/ checkpoint to resume from")
-        from safetensors.torch import load_file
-
-        state = read_json(last / "state.json")
-        network.load_state_dict(load_file(last / "model.safetensors"), strict=True)
-        load_optimizer_state(optimizer, last, state)
-        for group in optimizer.param_groups:  # the options given now win (e.g. a lower --lr)
-            group["lr"], group["weight_decay"] = request.options.lr, request.options.weight_decay
-        best = {"best_val": state.get("best_val"), "best_step": state.get("best_step")}
-        step = int(state["step"])
-        _truncate_metrics(out / "metrics.jsonl", step)
-        log(f"resuming {out} from step {step}")
-    else:
-        if request.resume:
-            log(f"--resume: {out} holds no run yet; starting one")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-        step = 0
-    write_json(existing_config, config)
-    return step, best
-
-
-def _resume_differences(old: dict, new: dict) -> list[str]:
-    problems = []
-    if old.get("features", {}).get("feature_space") != new["features"]["feature_space"]:
-        problems.append("feature space: the run was trained on another cache's features")
-        problems += spec_differences(old["features"].get("feature_space_spec", {}), new["features"]["feature_space_spec"])
-    for key in ("layers", "timesteps"):
-        if old.get("features", {}).get(key) != new["features"][key]:
-            problems.append(f"{key}: run has {old.get('features', {}).get(key)}, now {new['features'][key]}")
-    if old.get("network") != new["network"]:
-        problems += [f"network {line}" for line in spec_differences(old.get("network", {}), new["network"])]
-    return [p.replace("cache has", "run has").replace("requested", "now") for p in problems]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the resumed step (written after the last checkpoint)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))

@@ -27,5 +27,5 @@ def test_demo_runs_every_stage_and_prints_the_comparison(tmp_path):
     # a second run reuses the cache, the finished run and the stored descriptors
     again = cli(*args, timeout=900)
     assert again.returncode == 0
-    assert "50 already done" in again.stderr and "already trained" in again.stderr
+    assert "50 already done" in again.stderr and "nothing to train" in again.stderr
     assert "descriptors: 15 images, 15 stored, 0 to compute" in again.stderr

@@ -16,9 +16,8 @@ The last line prints the 2-vs-1-worker ratio.
 
 from __future__ import annotations
 
-import os
 
-import _common  # noqa: E402  (first: it records the environment the benchmark was started with)
+import _common  # noqa: E402, F401  (first: it records the environment the benchmark was started with)
 from dhf_cache.openmp import settle_wait_policy  # noqa: E402
 
 settle_wait_policy(print)  # before torch loads, as the CLI's compute commands do (dhf_cache/openmp.py)

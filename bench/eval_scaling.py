@@ -27,13 +27,12 @@ The last line: the 12,234-pair time of the library path against the target (< 60
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import _common  # noqa: E402  (first: it records the environment the benchmark was started with)
+import _common  # noqa: E402, F401  (first: it records the environment the benchmark was started with)
 from dhf_cache.openmp import settle_wait_policy  # noqa: E402
 
 settle_wait_policy(print)  # before torch loads, as the CLI's compute commands do (dhf_cache/openmp.py)

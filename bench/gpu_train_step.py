@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: E402  (first: it records the environment the benchmark was started with)
+import _common  # noqa: E402, F401  (first: it records the environment the benchmark was started with)
 from dhf_cache.openmp import settle_wait_policy  # noqa: E402
 
 settle_wait_policy(print)  # before torch loads, as the CLI's compute commands do (dhf_cache/openmp.py)

@@ -245,6 +245,12 @@ def interleaved_processes(variants: dict[str, Callable[[int], list[str]]], env: 
             "load_processes": load}
 
 
+def ratios_by_load(results: dict, loads: list[int]) -> str:
+    """'0.88 quiet, 0.44 beside 1 busy process(es)': each load's median ratio, for a last line."""
+    return ", ".join(f"{results[f'load_{n}']['ratio']:.2f} {'quiet' if n == 0 else f'beside {n} busy process(es)'}"
+                     for n in loads)
+
+
 def user_environment() -> dict[str, str]:
     """The environment this benchmark was started with, before it chose anything for itself:
     what a user's own command or script would get."""

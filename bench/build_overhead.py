@@ -54,9 +54,8 @@ settle_wait_policy(print)  # before torch loads, as the CLI's compute commands d
 
 import torch  # noqa: E402
 
-from _common import (Patches, Timers, describe_machine, interleaved_processes, machine_info, median, peak_rss_mb,  # noqa: E402
-                     synchronize, user_environment, work_folder,
-                     write_json)
+from _common import (Patches, Timers, describe_machine, interleaved_processes, machine_info, median,  # noqa: E402
+                     peak_rss_mb, ratios_by_load, synchronize, user_environment, work_folder, write_json)
 
 TARGET = 1.10
 
@@ -264,9 +263,7 @@ def whole_process(args, work: Path, info: dict) -> int:
         write_json(args.json_out, {"machine": info, "config": {k: v for k, v in vars(args).items() if k != "json_out"},
                                    "whole_process": results})
         print(f"figures written to {args.json_out}")
-    parts = [f"{results[f'load_{n}']['ratio']:.2f} {'quiet' if n == 0 else f'beside {n} busy process(es)'}"
-             for n in args.loads]
-    print(f"dhf-cache build / plain loop = {', '.join(parts)} (target <= {TARGET:.2f})")
+    print(f"dhf-cache build / plain loop = {ratios_by_load(results, args.loads)} (target <= {TARGET:.2f})")
     return 0
 
 

@@ -65,7 +65,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import (Patches, describe_machine, interleaved_processes, machine_info, median, peak_rss_mb,  # noqa: E402
-                     user_environment, work_folder, write_json)
+                     ratios_by_load, user_environment, work_folder, write_json)
 
 TARGET_RATIO = 20.0
 TARGET_LOADER_SHARE = 0.10
@@ -559,9 +559,7 @@ def whole_process(args, work: Path, info: dict) -> int:
                                                                "repeats": repeats, "loads": args.loads},
                                    "whole_process": results})
         print(f"figures written to {args.json_out}")
-    parts = [f"{results[f'load_{n}']['ratio']:.2f} {'quiet' if n == 0 else f'beside {n} busy process(es)'}"
-             for n in args.loads]
-    print(f"dhf-cache train step / plain loop step = {', '.join(parts)} (target <= 1.10)")
+    print(f"dhf-cache train step / plain loop step = {ratios_by_load(results, args.loads)} (target <= 1.10)")
     return 0
 
 

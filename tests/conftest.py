@@ -105,6 +105,22 @@ def start_cli(*args: str, capture: bool = False, env: dict | None = None) -> sub
     )
 
 
+def invoke(*args):
+    """`dhf-cache ARGS` in this process (typer's CliRunner): fast, for checks of one command."""
+    from typer.testing import CliRunner
+
+    from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
+    from dhf_cache.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def eval_args(cache, data, out, *extra) -> list:
+    """`dhf-cache eval` on a spair: data set, small and on the CPU (add --checkpoint or --raw)."""
+    return ["eval", "--cache", cache, "--dataset", f"spair:{data}", "--out", out, "--device", "cpu",
+            "--no-progress", "--load-size", "64", *extra]
+
+
 def done_flags(done_dir: Path) -> list[Path]:
     """The finished chunk files of a `done` array (zarr's LocalStore writes `*.partial` then renames)."""
     return [p for p in done_dir.iterdir() if not p.name.endswith(".partial")] if done_dir.is_dir() else []

@@ -10,25 +10,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from conftest import SMALL_NET
+from conftest import SMALL_NET, eval_args, invoke
 from dhf_cache.cache import FeatureCache
-from dhf_cache.cli import main as _register  # noqa: F401
-from dhf_cache.cli.app import app
 from dhf_cache.datasets import open_dataset
 from dhf_cache.matching import match_points_reference
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def eval_args(cache, data, out, *extra):
-    return ["eval", "--cache", cache, "--dataset", f"spair:{data}", "--out", out, "--device", "cpu",
-            "--no-progress", "--load-size", "64", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -17,28 +17,15 @@ import numpy as np
 import pytest
 import zarr
 import zarr.codecs as zc
-from typer.testing import CliRunner
 
-from conftest import SMALL_NET, start_cli
+from conftest import SMALL_NET, eval_args, invoke, start_cli
 from dhf_cache.cache import FeatureCache
-from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
-from dhf_cache.cli.app import app
 from dhf_cache.descriptor_store import list_descriptor_sets
 from dhf_cache.errors import UsageError
 from dhf_cache.config import MAX_LOAD_SIZE
 from dhf_cache.pipelines.evaluate import EvalRequest, run_eval
 from dhf_cache.report import best_cell, render_report
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def eval_args(cache, data, out, *extra):
-    return ["eval", "--cache", cache, "--dataset", f"spair:{data}", "--out", out, "--device", "cpu",
-            "--no-progress", "--load-size", "64", *extra]
 
 
 def error_lines(output: str) -> list[str]:

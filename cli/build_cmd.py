@@ -239,7 +239,9 @@ def info(
     echo(f"cache          {data['url']}  (format {data['format_version']}, {data['provenance'].get('created_by', '?')})")
     echo(f"fingerprint    feature_space {fp['feature_space'][:16]}  preprocessing {fp['preprocessing'][:16]}  spec {fp['spec'][:16]}")
     echo(f"model          {model['unet_class']} unet {model['unet_sha256'][:16]}  (loaded from {data['provenance'].get('model_source', '?')})")
-    echo(f"features       {space['source']} DDIM, {space['steps']} steps, prompt {space['prompt']!r}, capture {space['capture']}, stored {space['storage_dtype']}")
+    predicts = space["scheduler"].get("prediction_type") or "epsilon"
+    echo(f"features       {space['source']} DDIM, {space['steps']} steps, UNet predicts {predicts}, prompt {space['prompt']!r}, "
+         f"capture {space['capture']}, stored {space['storage_dtype']}")
     if space.get("generation"):
         gen = space["generation"]
         echo(f"generation     guidance {gen['guidance']}, negative prompt {gen['negative_prompt']!r}; images, "

@@ -18,18 +18,18 @@ import torch
 from torch import nn
 
 from dhf_cache.config import ModelIdentity
-from dhf_cache.errors import ModelNotFoundError
+from dhf_cache.errors import ModelNotFoundError, UsageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # What load_backbone reads from a hub repository: the three models' configs and safetensors
-# weights and the tokenizer. SD 1.5's repository also holds .bin copies, fp16 and EMA variants and
+# weights, the tokenizer and the scheduler config (for the UNet's prediction type). SD 1.5's repository also holds .bin copies, fp16 and EMA variants and
 # a safety checker (~20 GB in all); these patterns fetch ~4 GB. Tested: a folder holding only
 # these files loads.
 HUB_FILES = (
     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/config.json", "text_encoder/model.safetensors",
-    "tokenizer/*",
+    "tokenizer/*", "scheduler/scheduler_config.json",  # what the UNet predicts (epsilon or v)
 )
 
 
@@ -46,6 +46,7 @@ class Backbone:
     tokenizer: object
     source: str
     _identity: ModelIdentity | None = field(default=None, repr=False)
+    prediction_type: str = "epsilon"  # what the UNet predicts (inversion.PREDICTION_TYPES)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -141,7 +142,32 @@ def _load_components(source: str, local_files_only: bool, dtype: torch.dtype) ->
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
         source=source,
+        prediction_type=read_prediction_type(source, local_files_only),
     )
+
+
+def read_prediction_type(source: str, local_files_only: bool) -> str:
+    """What the model's UNet predicts, from its scheduler config (SD 1.x and 2.x-base: epsilon;
+    SD 2.x at 768 px: v_prediction). A model without a scheduler config is taken as epsilon."""
+    from diffusers import DDIMScheduler
+
+    try:
+        config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_files_only)
+    except (OSError, ValueError):
+        return "epsilon"
+    return str(config.get("prediction_type") or "epsilon")
+
+
+def check_prediction_type(backbone: Backbone, model: str) -> Backbone:
+    """Refuse a UNet that predicts something the inversion cannot turn into a noise estimate."""
+    from dhf_cache.inversion import PREDICTION_TYPES
+
+    if backbone.prediction_type not in PREDICTION_TYPES:
+        raise UsageError(
+            f"--model {model}: its scheduler config says the UNet predicts {backbone.prediction_type!r}; dhf-cache "
+            "inverts models that predict the noise (epsilon: SD 1.x, SD 2.x-base) or v (v_prediction: SD 2.x at 768 px)"
+        )
+    return backbone
 
 
 def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
@@ -156,7 +182,7 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
                 "stable-diffusion-v1-5/stable-diffusion-v1-5."
             )
         try:
-            return _load_components(str(path), True, dtype)
+            return check_prediction_type(_load_components(str(path), True, dtype), model)
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"--model {model}: could not load the pipeline in {path}: {exc}") from None
     if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an org/name id
@@ -165,7 +191,7 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
         )
     tried = [f"local directory {path.resolve()} (does not exist)"]
     try:
-        return _load_components(model, True, dtype)
+        return check_prediction_type(_load_components(model, True, dtype), model)
     except (OSError, ValueError) as exc:
         tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {_first_line(exc)}")
     if hub_offline():
@@ -174,7 +200,7 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
         tried.append(f"download: skipped, {unreachable}")
     else:
         try:
-            return _load_components(model, False, dtype)
+            return check_prediction_type(_load_components(model, False, dtype), model)
         except (OSError, ValueError) as exc:
             tried.append(f"download from the Hugging Face Hub: {_first_line(exc)}")
     raise ModelNotFoundError(

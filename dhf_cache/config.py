@@ -37,6 +37,9 @@ class SchedulerSpec(Frozen):
     num_train_timesteps: int = 1000
     steps_offset: int = 0
     timestep_spacing: Literal["leading"] = "leading"
+    # What the model's UNet predicts; None means the noise (epsilon, METHOD.md's SD 1.5), left out
+    # of fingerprints so that every cache built before this field keeps its fingerprint.
+    prediction_type: Literal["v_prediction"] | None = None
 
 
 class ModelIdentity(Frozen):

@@ -17,7 +17,8 @@ import torch
 from dhf_cache.backbone import Backbone
 from dhf_cache.capture import FeatureCapture
 from dhf_cache.config import FeatureSpace, Preprocessing
-from dhf_cache.inversion import InversionSchedule, ddim_inversion_step, make_schedule
+from dhf_cache.errors import UsageError
+from dhf_cache.inversion import InversionSchedule, ddim_inversion_step, make_schedule, noise_estimate
 from dhf_cache.layers import LayerInfo
 
 
@@ -58,6 +59,12 @@ class FeatureExtractor:
         self.save_positions = {
             self.schedule.call_of_step(step): pos for pos, step in enumerate(feature_space.save_steps)
         }
+        # What the UNet predicts, as the spec records it (None: the noise); a model loaded for a
+        # spec of the other kind (e.g. `match` with a checkpoint's feature space) is refused.
+        self.prediction_type = feature_space.scheduler.prediction_type or "epsilon"
+        if backbone.prediction_type != self.prediction_type:
+            raise UsageError(f"{backbone.source}: its UNet predicts {backbone.prediction_type!r}, but these features "
+                             f"were made with a model that predicts {self.prediction_type!r}: not the same model")
         self.capture = FeatureCapture(backbone.unet, feature_space.layers)
         self.prompt_embedding = self.encode_prompt(feature_space.prompt)
         vae_config = backbone.vae.config
@@ -102,9 +109,11 @@ class FeatureExtractor:
         return (mean + std * noise) * self.scaling_factor
 
     def _unet_eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The UNet's noise estimate at (x, t), whatever the model predicts (noise_estimate)."""
         emb = self.prompt_embedding.expand(x.shape[0], -1, -1)
         timestep = torch.tensor(t, device=self.device)
-        return self.backbone.unet(x.to(self.dtype), timestep, encoder_hidden_states=emb).sample.float()
+        out = self.backbone.unet(x.to(self.dtype), timestep, encoder_hidden_states=emb).sample.float()
+        return noise_estimate(out, x.float(), self.schedule.alpha(t), self.prediction_type)
 
     @torch.inference_mode()
     def invert(self, latents: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[int, str]]:

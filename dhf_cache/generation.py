@@ -15,6 +15,7 @@ import torch
 
 from dhf_cache.config import GenerationSpec
 from dhf_cache.extract import ExtractedImage, FeatureExtractor, image_seed, nonfinite_reasons, store_outputs
+from dhf_cache.inversion import noise_estimate
 
 
 class FeatureGenerator:
@@ -63,6 +64,8 @@ class FeatureGenerator:
             ex.capture.enabled = pos is not None
             both = unet(torch.cat([x, x]).to(ex.dtype), torch.tensor(t, device=ex.device),
                         encoder_hidden_states=embeddings).sample.float()
+            both = noise_estimate(both, torch.cat([x, x]).float(), float(self.scheduler.alphas_cumprod[t]),
+                                  ex.prediction_type)
             eps_uncond, eps_cond = both.chunk(2)
             eps = eps_uncond + self.spec.guidance * (eps_cond - eps_uncond)
             if pos is not None:  # the conditional half of the guided call

@@ -64,3 +64,21 @@ def ddim_inversion_step(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_next
     """x0 = (x_t - sqrt(1-a_t) eps) / sqrt(a_t); x_next = sqrt(a_next) x0 + sqrt(1-a_next) eps."""
     x0 = (x_t - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
     return math.sqrt(a_next) * x0 + math.sqrt(1.0 - a_next) * eps
+
+
+# What a UNet may predict (its scheduler config's `prediction_type`): the noise (SD 1.x, 2.x-base)
+# or v (SD 2.x at 768 px). Anything else is refused when the model loads.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def noise_estimate(output: torch.Tensor, x_t: torch.Tensor, a_t: float, prediction_type: str) -> torch.Tensor:
+    """The noise estimate eps that the DDIM step needs, from a UNet output of `prediction_type`.
+
+    epsilon: the output itself. v_prediction (v = sqrt(a) eps - sqrt(1-a) x0): eps = sqrt(a) v +
+    sqrt(1-a) x_t, exactly (substitute x0 = (x_t - sqrt(1-a) eps) / sqrt(a)); at t = -1, where
+    a = 1, eps = v. Guidance commutes with it (affine in the output for a fixed x_t)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return math.sqrt(a_t) * output + math.sqrt(1.0 - a_t) * x_t
+    raise ValueError(f"prediction_type {prediction_type!r}: expected one of {', '.join(PREDICTION_TYPES)}")

@@ -123,8 +123,10 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_tiny_pipeline(seed: int = 0):
-    """Build the tiny pipeline in memory; weights are a pure function of `seed`."""
+def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """Build the tiny pipeline in memory; weights are a pure function of `seed`.
+    `prediction_type` is what its scheduler config says the UNet predicts (SD 2.x at 768 px:
+    v_prediction); with random weights the UNet is the same either way."""
     from dhf_cache.backbone import quiet_libraries
 
     quiet_libraries()
@@ -143,7 +145,7 @@ def build_tiny_pipeline(seed: int = 0):
         **TINY_TEXT_CONFIG,
     )
     text_encoder = CLIPTextModel(text_config)
-    scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
+    scheduler = DDIMScheduler(**{**SD15_SCHEDULER_CONFIG, "prediction_type": prediction_type})
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -164,9 +166,9 @@ def build_sd15_unet(seed: int = 0):
     return UNet2DConditionModel(**SD15_UNET_CONFIG)
 
 
-def write_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+def write_tiny_model(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Save the tiny pipeline with `save_pretrained` so it loads like any hub model."""
     directory = Path(directory)
-    pipe = build_tiny_pipeline(seed)
+    pipe = build_tiny_pipeline(seed, prediction_type)
     pipe.save_pretrained(directory, safe_serialization=True)
     return directory

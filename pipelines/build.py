@@ -20,7 +20,7 @@ from dhf_cache.backbone import DTYPES, load_backbone
 from dhf_cache.cache import FeatureCache
 from dhf_cache.capture import resolve_layers
 from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, GenerationSpec,
-                              Preprocessing, StorageSpec)
+                              Preprocessing, SchedulerSpec, StorageSpec)
 from dhf_cache.datasets import Dataset, ImageRecord
 from dhf_cache.device import resolve_device
 from dhf_cache.disk_space import check_free_space
@@ -80,12 +80,15 @@ def check_steps(request: BuildRequest) -> tuple[int, ...]:
     return tuple(save_steps)
 
 
-def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity, compute_dtype: str) -> BuildSpec:
+def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity, compute_dtype: str,
+              prediction_type: str = "epsilon") -> BuildSpec:
     save_steps = check_steps(request)
     source = "generation" if request.prompts is not None else "inversion"
+    scheduler = SchedulerSpec(prediction_type=None if prediction_type == "epsilon" else prediction_type)
     try:
-        space = FeatureSpace(model=identity, steps=request.steps, save_steps=save_steps, layers=extractor_layers,
-                             source=source, generation=request.generation if source == "generation" else None)
+        space = FeatureSpace(model=identity, scheduler=scheduler, steps=request.steps, save_steps=save_steps,
+                             layers=extractor_layers, source=source,
+                             generation=request.generation if source == "generation" else None)
     except ValueError as exc:
         raise UsageError(f"--steps {request.steps} / --save-steps {list(save_steps)}: {invalid_values(exc)}") from None
     return BuildSpec(
@@ -145,7 +148,7 @@ def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str],
     identity = backbone.identity  # hashed on the CPU, rounded to fp16 (see ModelIdentity)
     backbone.to(device)
     layers = resolve_layers(backbone.unet, request.layers)
-    spec = make_spec(request, layers, identity, dtype_name)
+    spec = make_spec(request, layers, identity, dtype_name, backbone.prediction_type)
     extractor = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, DTYPES[dtype_name])
     return extractor, spec
 

@@ -64,6 +64,6 @@ def test_the_readme_download_command_fetches_what_loading_needs(tmp_path, tiny_m
         if path.is_file() and any(fnmatch.fnmatch(relative, pattern) for pattern in HUB_FILES):
             (only / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, only / relative)
-    assert not (only / "model_index.json").exists() and not (only / "scheduler").exists()
+    assert not (only / "model_index.json").exists() and (only / "scheduler" / "scheduler_config.json").is_file()
     backbone = load_backbone(str(only))
-    assert backbone.identity == load_backbone(str(tiny_model_dir)).identity
+    assert backbone.identity == load_backbone(str(tiny_model_dir)).identity and backbone.prediction_type == "epsilon"

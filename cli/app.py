@@ -26,7 +26,8 @@ WORKFLOW = {
     "match": "match points between two images of your own",
     "export-images": "a generation cache's images as PNG files",
     "prune": "remove the descriptor sets eval stored in a cache",
-    "tiny-model": "write the offline tiny SD-shaped model (tests, demo)",
+    "migrate": "upgrade a format-1 cache in place to format 2",
+    "tiny-model": "write an offline tiny SD, SDXL or DINOv2 model",
     "sample-data": "write the embedded SPair-layout sample data",
 }
 

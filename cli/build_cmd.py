@@ -31,6 +31,10 @@ of each map's range), or lossy bit rounding to 7 mantissa bits (relative error <
     dhf-cache build --dataset spair:/data/SPair-71k --cache spair-q8.zarr --codec quant8
     dhf-cache build --dataset spair:/data/SPair-71k --cache spair-br7.zarr --codec bitround --keepbits 7
 
+A second feature source over the same images, beside the SD maps (train fuses them):
+
+    dhf-cache build --dataset spair:/data/SPair-71k --cache spair.zarr --model facebook/dinov2-base --image-size 448 --load-size 448
+
 The one-step variant (a single UNet call at t = -1):
 
     dhf-cache build --dataset folder:photos --cache onestep.zarr --steps 1 --save-steps 0
@@ -95,13 +99,15 @@ def build(
     images_per_prompt: Annotated[int, typer.Option(min=1, help="Generation mode: images per prompt (seeds derive from prompt, variant and --seed).")] = 1,
     guidance: Annotated[float, typer.Option(min=1.0, help="Generation mode: classifier-free guidance scale.")] = _GEN.guidance,
     negative_prompt: Annotated[str, typer.Option(help="Generation mode: the negative prompt (the unconditional branch).")] = _GEN.negative_prompt,
-    model: Annotated[str, typer.Option(help="Hub id (looked up in the local HF cache first) or a local pipeline folder.")] = SD15_MODEL_ID,
+    model: Annotated[str, typer.Option(help="Hub id (looked up in the local HF cache first) or a local model folder: an SD 1.x/2.x pipeline, or DINOv2.")] = SD15_MODEL_ID,
+    family: Annotated[str, typer.Option(help="The model's family: auto (from its files or name), sd, dinov2.")] = "auto",
+    source: Annotated[Optional[str], typer.Option(help="Name of this feature source in the cache (default: the family); a cache holds several, e.g. sd and dinov2 maps of the same images.")] = None,
     split: Annotated[Optional[str], typer.Option(help="SPair split whose pairs' images to build (trn, val, test); all when omitted.")] = None,
     load_size: Annotated[int, typer.Option(help="Images are first resized to LOAD_SIZE x LOAD_SIZE (PIL bilinear): the paper's 64/224/512.")] = _PRE.load_size,
     image_size: Annotated[int, typer.Option(help="Model input size the loaded image is then upsampled to (512 for SD).")] = _PRE.image_size,
     steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = DEFAULT_STEPS,
     save_steps: Annotated[Optional[str], typer.Option(help="Step indices to store, clean first (S-1 = cleanest). Default for 50 steps: 49,45,40,...,5,0.")] = None,
-    layers: Annotated[str, typer.Option(help="up (default: the 12 up-block resnets), down, mid, all, or comma-separated module names.")] = DEFAULT_LAYERS,
+    layers: Annotated[str, typer.Option(help="SD: up (default: the 12 up-block resnets), down, mid, all, or module names. DINOv2: last (default: the final layernorm), all, or encoder.layer.<i>,layernorm.")] = DEFAULT_LAYERS,
     batch_size: Annotated[int, typer.Option(min=1, help="Images that share each UNet call.")] = _OPTS.batch_size,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float16 on CUDA, float32 otherwise), float32, float16, bfloat16.")] = "auto",
@@ -158,6 +164,8 @@ def build(
         dtype=dtype,
         storage=StorageSpec(codec=codec_spec),
         storage_options=parse_storage_options(storage_options),
+        family=family,
+        source=source,
     )
     if shard is not None and scheduler is not None:
         raise UsageError("--shard and --scheduler are two ways to split a build; use one")
@@ -221,34 +229,64 @@ def info(
     from dhf_cache.cache import FeatureCache
     from dhf_cache.storage import parse_storage_options
 
-    from dhf_cache.cli.tools_cmd import descriptor_set_line
     from dhf_cache.descriptor_store import list_descriptor_sets
+    from dhf_cache.storage import stored_bytes
 
-    cache = FeatureCache.open(url, parse_storage_options(storage_options))
-    data = cache.info()
-    sets = list_descriptor_sets(cache)
-    data["descriptor_sets"] = [item.as_dict() for item in sets]
-    if json_output:
-        print_json(data)
+    sources = FeatureCache.open_all(url, parse_storage_options(storage_options))
+    if not sources:
+        typer.echo(f"cache          {url}  (format 2): no feature source yet; `dhf-cache build --cache {url}` adds one")
         return
+    infos = []
+    for cache in sources.values():
+        data = cache.info()
+        data["descriptor_sets"] = [item.as_dict() for item in list_descriptor_sets(cache)]
+        infos.append(data)
+    first = next(iter(sources.values()))
+    # the top level describes the first source (as for a one-source cache) and the whole cache's bytes
+    whole = {**infos[0], "bytes": stored_bytes(first.group.store, timeout=first.timeout),
+             "sources": infos}
+    if json_output:
+        print_json(whole)
+        return
+    echo = typer.echo
+    fmt = first.format_version
+    echo(f"cache          {url}  (format {fmt}{', read as one source; `dhf-cache migrate` upgrades it' if fmt == 1 else ''}), "
+         f"{len(infos)} source(s): {', '.join(sources)}; {human_bytes(whole['bytes'])} on disk")
+    for data in infos:
+        _echo_source(data)
+
+
+def _echo_source(data: dict) -> None:
+    """One source's description, as `info` prints it."""
+    from types import SimpleNamespace
+
+    from dhf_cache.cli.tools_cmd import descriptor_set_line
+
+    echo = typer.echo
     spec = data["spec"]
     space, pre = spec["feature_space"], spec["preprocessing"]
     fp = data["fingerprint"]
     model = space["model"]
-    echo = typer.echo
-    echo(f"cache          {data['url']}  (format {data['format_version']}, {data['provenance'].get('created_by', '?')})")
+    echo(f"source {data['source']}  ({data['provenance'].get('created_by', '?')}, {data['provenance'].get('created_at', '?')})")
     echo(f"fingerprint    feature_space {fp['feature_space'][:16]}  preprocessing {fp['preprocessing'][:16]}  spec {fp['spec'][:16]}")
-    echo(f"model          {model['unet_class']} unet {model['unet_sha256'][:16]}  (loaded from {data['provenance'].get('model_source', '?')})")
-    predicts = space["scheduler"].get("prediction_type") or "epsilon"
-    echo(f"features       {space['source']} DDIM, {space['steps']} steps, UNet predicts {predicts}, prompt {space['prompt']!r}, "
-         f"capture {space['capture']}, stored {space['storage_dtype']}")
-    if space.get("generation"):
-        gen = space["generation"]
-        echo(f"generation     guidance {gen['guidance']}, negative prompt {gen['negative_prompt']!r}; images, "
-             "prompts and seeds stored (`dhf-cache export-images`)")
-    echo(f"saved steps    {', '.join(map(str, data['save_steps']))}  (clean first)")
-    echo(f"timesteps      {', '.join(map(str, data['timesteps']))}  (UNet t of each stored step)")
-    echo(f"preprocessing  load {pre['load_size']} -> input {pre['image_size']}, {pre['resampling']}, {pre['latent']} latent, seed {pre['seed']}, compute {spec['compute']['dtype']}")
+    if space.get("kind") == "dinov2":
+        echo(f"model          {model['model_class']} weights {model['weights_sha256'][:16]}, patch {model['patch_size']}, "
+             f"{model['num_register_tokens']} register tokens  (loaded from {data['provenance'].get('model_source', '?')})")
+        echo(f"features       {space['tokens']} tokens at input {space['image_size']}, {space['normalization']} "
+             f"normalisation, stored {space['storage_dtype']}; no time axis (T = 1)")
+        echo(f"preprocessing  load {pre['load_size']} -> input {pre['image_size']}, {pre['resampling']}, compute {spec['compute']['dtype']}")
+    else:
+        echo(f"model          {model['unet_class']} unet {model['unet_sha256'][:16]}  (loaded from {data['provenance'].get('model_source', '?')})")
+        predicts = space["scheduler"].get("prediction_type") or "epsilon"
+        echo(f"features       {space['source']} DDIM, {space['steps']} steps, UNet predicts {predicts}, prompt {space['prompt']!r}, "
+             f"capture {space['capture']}, stored {space['storage_dtype']}")
+        if space.get("generation"):
+            gen = space["generation"]
+            echo(f"generation     guidance {gen['guidance']}, negative prompt {gen['negative_prompt']!r}; images, "
+                 "prompts and seeds stored (`dhf-cache export-images`)")
+        echo(f"saved steps    {', '.join(map(str, data['save_steps']))}  (clean first)")
+        echo(f"timesteps      {', '.join(map(str, data['timesteps']))}  (UNet t of each stored step)")
+        echo(f"preprocessing  load {pre['load_size']} -> input {pre['image_size']}, {pre['resampling']}, {pre['latent']} latent, seed {pre['seed']}, compute {spec['compute']['dtype']}")
     left = data["n_images"] - data["n_done"]
     echo(f"images         {data['n_done']} done / {data['n_images']}, {len(data['failures'])} failed"
          + (f"; the other {left} need about {human_bytes(data['bytes_to_finish_estimate'])} more" if left else ""))
@@ -265,11 +303,12 @@ def info(
         + f"zstd level {codec['level']} + {codec['checksum']}"
         + (f", compression ratio {ratio:.2f}x" if ratio else "")
     )
+    sets = data["descriptor_sets"]
     if sets:
-        echo(f"descriptors    {len(sets)} set(s), {human_bytes(sum(item.bytes for item in sets))} "
+        echo(f"descriptors    {len(sets)} set(s), {human_bytes(sum(item['bytes'] for item in sets))} "
              "(eval's maps per checkpoint; `dhf-cache prune` removes them)")
         for item in sets:
-            echo("  " + descriptor_set_line(item))
+            echo("  " + descriptor_set_line(SimpleNamespace(**item)))
     for failure in data["failures"]:
         typer.secho(f"  FAILED {failure['id']}: {failure['error']}", fg=typer.colors.RED)
 
@@ -315,20 +354,30 @@ def verify(
     from dhf_cache.storage import parse_storage_options
     from dhf_cache.verify import verify_cache
 
-    cache = FeatureCache.open(url, parse_storage_options(storage_options), mode="r+" if repair else "r")
-    report = verify_cache(cache, repair=repair, progress=progress, log=log)
+    sources = FeatureCache.open_all(url, parse_storage_options(storage_options), mode="r+" if repair else "r")
+    reports = {name: verify_cache(cache, repair=repair, progress=progress, log=log) for name, cache in sources.items()}
+    several = len(reports) > 1
     if json_output:
-        print_json({"n_images": report.n_images, "n_done": report.n_done, "n_chunks": report.n_chunks,
-                    "problems": report.problems, "repaired": report.repaired, "ok": report.ok,
-                    "stray_files": report.stray_files})
+        # the top level sums every source (one-source caches: that source); "sources" has each report
+        per = {name: {"n_images": r.n_images, "n_done": r.n_done, "n_chunks": r.n_chunks, "problems": r.problems,
+                      "repaired": r.repaired, "ok": r.ok, "stray_files": r.stray_files} for name, r in reports.items()}
+        print_json({"n_images": sum(r["n_images"] for r in per.values()), "n_done": sum(r["n_done"] for r in per.values()),
+                    "n_chunks": sum(r["n_chunks"] for r in per.values()),
+                    "problems": {(f"{n}:{i}" if several else i): p for n, r in per.items() for i, p in r["problems"].items()},
+                    "repaired": [(f"{n}:{i}" if several else i) for n, r in per.items() for i in r["repaired"]],
+                    "ok": all(r["ok"] for r in per.values()),
+                    "stray_files": sorted({f for r in per.values() for f in r["stray_files"]}), "sources": per})
     else:
-        typer.echo(f"verified {report.n_done} done images of {report.n_images} ({report.n_chunks} chunks): "
-                   + ("all good" if report.ok else f"{len(report.problems)} bad"))
-        for image_id, problems in report.problems.items():
-            typer.secho(f"  BAD {image_id}: {'; '.join(problems)}", fg=typer.colors.RED)
-        if report.stray_files and not repair:
-            typer.echo(f"{len(report.stray_files)} temp file(s) left by killed writers (harmless; --repair deletes them)")
-        if report.problems and not repair:
+        for name, report in reports.items():
+            where = f"source {name}: " if several else ""
+            typer.echo(f"{where}verified {report.n_done} done images of {report.n_images} ({report.n_chunks} chunks): "
+                       + ("all good" if report.ok else f"{len(report.problems)} bad"))
+            for image_id, problems in report.problems.items():
+                typer.secho(f"  BAD {image_id}: {'; '.join(problems)}", fg=typer.colors.RED)
+        stray = sorted({f for r in reports.values() for f in r.stray_files})
+        if stray and not repair:
+            typer.echo(f"{len(stray)} temp file(s) left by killed writers (harmless; --repair deletes them)")
+        if any(r.problems for r in reports.values()) and not repair:
             typer.echo("Run with --repair to mark them not done, then rerun the build to recompute exactly those.")
-    if not report.ok and not repair:
+    if not all(r.ok for r in reports.values()) and not repair:
         raise typer.Exit(1)

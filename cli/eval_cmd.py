@@ -58,6 +58,7 @@ def eval_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     drawings: Annotated[int, typer.Option(min=0, help="Correspondence drawings of the first N pairs.")] = 6,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Which feature source of the cache (see `dhf-cache info`); needed when it holds several and neither the run nor --raw SOURCE:MAP names one.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: one per usable core). On a CPU shared with other work, fewer threads can be faster.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print metrics.json on stdout.")] = False,
@@ -74,7 +75,7 @@ def eval_command(
     request = EvalRequest(
         cache_url=cache, dataset=dataset, out=out, checkpoint=checkpoint, raw=raw, split=split, alphas=alphas,
         load_size=load_size, refine=refine, limit_per_category=limit_per_category, skip_missing=skip_missing,
-        device=device, storage_options=parse_storage_options(storage_options), progress=progress, drawings=drawings,
+        device=device, storage_options=parse_storage_options(storage_options), source=source, progress=progress, drawings=drawings,
         threads=threads,
     )
     result = run_eval(request, log=log)

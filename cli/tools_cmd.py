@@ -12,17 +12,38 @@ from dhf_cache.disk_space import human_bytes
 from dhf_cache.errors import UsageError
 
 
-@app.command("tiny-model", epilog="**Example**\n\n    dhf-cache tiny-model ./tiny --seed 0")
+TINY_EPILOG = """
+**Examples**
+
+    dhf-cache tiny-model ./tiny --seed 0
+    dhf-cache tiny-model ./tiny-dino --family dinov2
+    dhf-cache tiny-model ./tiny-sdxl --family sdxl
+"""
+
+
+@app.command("tiny-model", epilog=TINY_EPILOG)
 @report_errors
 def tiny_model(
-    directory: Annotated[Path, typer.Argument(help="Folder to write the pipeline into.")],
+    directory: Annotated[Path, typer.Argument(help="Folder to write the model into.")],
     seed: Annotated[int, typer.Option(help="Weight seed: the same seed gives the same weights.")] = 0,
+    family: Annotated[str, typer.Option(help="sd (an SD 1.5-shaped pipeline), dinov2, dinov2-registers or sdxl.")] = "sd",
 ) -> None:
-    """Write an offline SD-shaped pipeline with seeded random weights (loads with from_pretrained)."""
-    from dhf_cache.tiny_model import write_tiny_model
+    """Write an offline model with seeded random weights (loads with from_pretrained)."""
+    if family == "sd":
+        from dhf_cache.tiny_model import write_tiny_model
 
-    write_tiny_model(directory, seed)
-    typer.echo(f"wrote tiny SD-shaped pipeline (seed {seed}) to {directory}")
+        write_tiny_model(directory, seed)
+    elif family in ("dinov2", "dinov2-registers"):
+        from dhf_cache.sources.dinov2 import write_tiny_dinov2
+
+        write_tiny_dinov2(directory, seed, registers=family == "dinov2-registers")
+    elif family == "sdxl":
+        from dhf_cache.sources.sdxl import write_tiny_sdxl
+
+        write_tiny_sdxl(directory, seed)
+    else:
+        raise UsageError(f"--family {family!r}: use sd, dinov2, dinov2-registers or sdxl")
+    typer.echo(f"wrote tiny {family} model (seed {seed}) to {directory}")
 
 
 @app.command(
@@ -88,15 +109,37 @@ def prune(
         raise UsageError("give exactly one of --descriptors KEY or --all-descriptors")
     options = parse_storage_options(storage_options)
     # read-only first: a missing cache is refused without creating anything
-    cache = FeatureCache.open(url, options)
-    sets = list_descriptor_sets(cache)
+    holders = {name: list_descriptor_sets(cache) for name, cache in FeatureCache.open_all(url, options).items()}
+    sets = [item for found in holders.values() for item in found]
     chosen = sets if all_descriptors else [find_descriptor_set(sets, descriptors, url)]
     if not chosen:
         typer.echo(f"{url}: no descriptor sets stored; nothing to remove")
         return
     if not dry_run:
-        remove_descriptor_sets(FeatureCache.open(url, options, mode="r+"), chosen)
+        writable = FeatureCache.open_all(url, options, mode="r+")
+        for name, found in holders.items():  # each source keeps the sets of checkpoints over it
+            mine = [item for item in chosen if item in found]
+            if mine:
+                remove_descriptor_sets(writable[name], mine)
     verb = "would remove" if dry_run else "removed"
     for item in chosen:
         typer.echo(f"{verb} {descriptor_set_line(item)}")
     typer.echo(f"{verb} {len(chosen)} descriptor sets, {human_bytes(sum(s.bytes for s in chosen))}")
+
+
+MIGRATE_EPILOG = """
+**Example**
+
+    dhf-cache migrate spair.zarr && dhf-cache build --dataset spair:/data/SPair-71k --cache spair.zarr --model facebook/dinov2-base --image-size 448 --load-size 448
+"""
+
+
+@app.command("migrate", epilog=MIGRATE_EPILOG)
+@report_errors
+def migrate(url: Annotated[str, typer.Argument(help="A local format-1 cache.")]) -> None:
+    """Upgrade a format-1 cache in place to format 2 (sources/<name>/), moving folders: no chunk is
+    rewritten. Needed only to add a second feature source; every command reads format 1 as is.
+    A killed migrate is finished by rerunning it."""
+    from dhf_cache.migrate import migrate as run_migrate
+
+    typer.echo(run_migrate(url))

@@ -77,6 +77,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint, with the options of its config.json (options typed now must match them, except --steps, --lr, --val-every, --skip-missing).")] = False,
     skip_missing: Annotated[bool, typer.Option(help="Train on the pairs whose images are built; skip the rest.")] = False,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Which feature source of the cache (see `dhf-cache info`); needed when it holds several.")] = None,
     loader_workers: Annotated[Optional[int], typer.Option(min=1, help="Threads that read and decode cached maps ahead of the step (default: half the CPU cores, 2 to 8). At SD 1.5 size one thread decodes ~0.3 s per image: raise it if the summary's loader wait is high.")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: one per usable core). On a CPU shared with other work, fewer threads can be faster.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -97,7 +98,7 @@ def train(
     except ValueError as exc:
         raise UsageError(invalid_values(exc)) from None
     request = TrainRequest(cache_url=cache, dataset=dataset, out=out, options=options, device=device, resume=resume,
-                           storage_options=parse_storage_options(storage_options), progress=progress,
+                           storage_options=parse_storage_options(storage_options), source=source, progress=progress,
                            given=typed_options(ctx), loader_workers=loader_workers, threads=threads)
     result = run_train(request, log=log)
     steps_run = result.end_step - result.start_step

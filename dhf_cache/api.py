@@ -25,7 +25,7 @@ from dhf_cache.config import EVAL_LOAD_SIZE, Preprocessing
 from dhf_cache.descriptors import aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CacheError, CheckpointError, UsageError
-from dhf_cache.feature_loader import FeatureReader
+from dhf_cache.feature_loader import FeatureReader, SourcesReader, SourcesSelection
 from dhf_cache.images import load_image
 from dhf_cache.matching import match_points, parse_refine, prepare_target
 
@@ -114,16 +114,34 @@ class Hyperfeatures:
 
     def _reader(self, cache_url: str, storage_options: dict | None) -> tuple[FeatureCache, FeatureReader]:
         if cache_url not in self._caches:
-            cache = FeatureCache.open(cache_url, storage_options)
-            problems = check_features_match(self.checkpoint.features, cache)
+            bindings = self.checkpoint.source_features  # the sources it reads, in the network's order
+            if self.checkpoint.fused:
+                everything = FeatureCache.open_all(cache_url, storage_options)
+                missing = [name for name in bindings if name not in everything]
+                if missing:
+                    raise CheckpointError(f"checkpoint {self.checkpoint.path} fuses sources {', '.join(bindings)}; "
+                                          f"{cache_url} lacks {', '.join(missing)}")
+                caches = {name: everything[name] for name in bindings}
+            else:
+                name = next(iter(bindings))
+                caches = {name: FeatureCache.open(cache_url, storage_options, prefer=name)}
+            problems = [f"{name}: {p}" for name, features in bindings.items()
+                        for p in check_features_match(features, caches[name] if self.checkpoint.fused
+                                                      else next(iter(caches.values())))]
             if problems:
                 raise CheckpointError(
                     f"checkpoint {self.checkpoint.path} cannot read the features of {cache_url}:\n  "
                     + "\n  ".join(problems)
                     + "\nUse a cache built with the checkpoint's model and settings, or descriptors() on the fly"
                 )
-            selection, _ = checkpoint_selection(self.checkpoint.features, cache)
-            self._caches[cache_url] = (cache, FeatureReader(cache, selection))
+            if self.checkpoint.fused:
+                selections = {name: checkpoint_selection(features, caches[name])[0] for name, features in bindings.items()}
+                reader = SourcesReader(caches, SourcesSelection(selections))
+                self._caches[cache_url] = (reader.primary, reader)
+            else:
+                cache = next(iter(caches.values()))
+                selection, _ = checkpoint_selection(self.checkpoint.features, cache)
+                self._caches[cache_url] = (cache, FeatureReader(cache, selection))
         return self._caches[cache_url]
 
     def cached_descriptors(self, cache_url: str, image_id: str, storage_options: dict | None = None) -> torch.Tensor:

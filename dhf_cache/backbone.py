@@ -223,3 +223,15 @@ def _hf_cache_dir() -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def local_snapshot(model: str) -> Path | None:
+    """The folder of `model` (a hub id) in the local Hugging Face cache, if it holds one."""
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json"]))
+    except Exception:  # noqa: BLE001 - any miss (not cached, offline, malformed) means "not known here"
+        return None

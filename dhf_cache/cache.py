@@ -1,9 +1,15 @@
 """The feature cache: a Zarr v3 group that other stages, machines and versions can trust.
 
-Layout (DESIGN.md):
+Layout of format 2 (docs/cache-format.md): the root group holds one group per feature source,
 
-    <root>/zarr.json            attributes: dhf_cache format version, spec, fingerprint,
+    <root>/zarr.json            attributes: {"dhf_cache": {"format_version": 2, "provenance"}}
+    sources/<name>/zarr.json    attributes: the source's format version, spec, fingerprint,
                                 layer table, timesteps, save steps, provenance
+    sources/<name>/...          the source's arrays, below
+
+and a format-1 cache is the same arrays and attributes at the root: it reads as one source.
+`FeatureCache` is a handle on one source; each source has its own image list and done flags.
+
     features/<layer>            (N, T, C, H, W) float16, chunk = one image, zstd + crc32c
     latents                     (N, 4, h, w) float32, the sampled initial latent of each image
     image_ids                   (N,) strings
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +35,7 @@ import numpy as np
 
 from dhf_cache import __version__
 from dhf_cache.cache_meta import ArrayRule, check_array, check_root_meta
-from dhf_cache.config import FORMAT_VERSION, BuildSpec
+from dhf_cache.config import FORMAT_VERSION, BuildSpec, source_kind
 from dhf_cache.direct_chunks import ChunkProblem, DirectArray, direct_array, read_chunk, write_chunk
 from dhf_cache.disk_space import bytes_per_image
 from dhf_cache.errors import CacheError, SpecMismatchError, UsageError, invalid_values
@@ -50,6 +57,9 @@ GENERATED = "generated"
 PER_IMAGE_ARRAYS = ("latents", "done", "sizes", "errors")
 GENERATED_ARRAYS = ("images", "prompts", "seeds")
 IDS_CHUNK = 4096
+SOURCES = "sources"  # format 2: sources/<name> holds one source's arrays and attributes
+MIGRATING = "dhf_cache_migrating"  # root attribute while `dhf-cache migrate` moves a format-1 cache
+SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CREATING = "dhf_cache_creating"  # root attribute while the coordinator creates the arrays
 DAMAGED_REMEDY = "run `dhf-cache verify --repair {url}`, then rerun the build to recompute it"
 # Feature reads and writes of local default-codec caches bypass zarr's chunk path
@@ -125,17 +135,14 @@ def _run_concurrently(coroutines: list, raise_first: bool = True, timeout: float
 class FeatureCache:
     """A handle on an existing cache. Open with `FeatureCache.open` or `FeatureCache.prepare`."""
 
-    def __init__(self, group, url: str):
+    def __init__(self, group, url: str, name: str | None = None):
+        """`group` is the source's group: the root of a format-1 cache, sources/<name> in format 2;
+        `url` is always the cache's root (what users type); `name` the source's name."""
         attrs = group.attrs.asdict()
         meta = attrs.get("dhf_cache")
         if not isinstance(meta, dict):
             raise CacheError(f"{url}: a Zarr group, but not a dhf-cache cache (no 'dhf_cache' attribute)")
-        version = meta.get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-            raise CacheError(
-                f"{url}: cache format version {version!r} is newer than this dhf-cache understands "
-                f"({FORMAT_VERSION}); upgrade dhf-cache"
-            )
+        _check_version(meta, url)
         check_root_meta(meta, url)  # types, sizes and fingerprints recomputed from the stored spec
         self.group = group
         self.url = url
@@ -152,6 +159,8 @@ class FeatureCache:
         self._arrays: dict[str, Any] = {}
         self._direct: dict[str, DirectArray | None] = {}
         self.timeout = store_timeout(url)  # one remote operation's bound (None: local disk)
+        self.name = name or source_kind(self.spec)
+        self.format_version: int = meta["format_version"]
         self._check_arrays()
 
     def _check_arrays(self) -> None:
@@ -177,20 +186,35 @@ class FeatureCache:
             self._arrays[path] = members[path]
 
     def _contract_paths(self) -> list[str]:
-        paths = [f"{FEATURES}/{l.name}" for l in self.layers] + ["image_ids", *PER_IMAGE_ARRAYS]
+        paths = [f"{FEATURES}/{l.name}" for l in self.layers] + ["image_ids", *self.per_image_names]
         if self.is_generated:
             paths += [f"{GENERATED}/{n}" for n in GENERATED_ARRAYS]
         return paths
 
     # ---------------------------------------------------------------- opening and creating
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> FeatureCache:
-        store = open_store(url, storage_options, read_only=(mode == "r"), create=False)
-        try:
-            group = _open_group(store, "r" if mode == "r" else "r+", url)
-        except FileNotFoundError:
-            raise CacheError(f"{url}: no cache here; build one with `dhf-cache build --cache {url}`") from None
-        return cls(group, url)
+    def open(cls, url: str, storage_options: dict | None = None, mode: str = "r",
+             source: str | None = None, prefer: str | None = None) -> FeatureCache:
+        """One source of the cache at `url`: the one named, or the cache's only source, or
+        `prefer` when the cache holds it (a cache with several asks for a name, listing them)."""
+        root = open_root(url, storage_options, mode)
+        names = source_names(root, url)
+        if source is None and prefer in names:
+            source = prefer
+        if source is None:
+            if len(names) != 1:
+                raise UsageError(f"{url} holds {len(names)} feature sources ({', '.join(names) or 'none yet'}); "
+                                 "name one with --source" if names else
+                                 f"{url} holds no feature source yet; build one with `dhf-cache build --cache {url}`")
+            source = names[0]
+        return open_source(root, url, source, names)
+
+    @classmethod
+    def open_all(cls, url: str, storage_options: dict | None = None, mode: str = "r") -> dict[str, FeatureCache]:
+        """Every source of the cache, by name, in the order they were added (format 1: one)."""
+        root = open_root(url, storage_options, mode)
+        names = source_names(root, url)
+        return {name: open_source(root, url, name, names) for name in names}
 
     @classmethod
     def prepare(
@@ -200,52 +224,77 @@ class FeatureCache:
         layers: Sequence[LayerInfo],
         timesteps: Sequence[int],
         image_ids: Sequence[str],
-        latent_shape: Sequence[int],
+        latent_shape: Sequence[int] | None,
         provenance: dict | None = None,
         storage_options: dict | None = None,
+        source: str | None = None,
     ) -> FeatureCache:
         """Create the cache, or check an existing one has this spec; then add unseen image ids.
 
-        Refuses (SpecMismatchError) when the existing cache was built with another spec.
+        Refuses (SpecMismatchError) when the existing source was built with another spec. A new
+        cache is created in format 2 with this one source (named `source`, default the spec's
+        kind: sd, sdxl, dinov2); a source added to a cache that holds others must cover exactly
+        their images. A format-1 cache keeps its format while it is built with its own source.
         """
+        name = source or source_kind(spec)
+        if not SOURCE_NAME.match(name):
+            raise UsageError(f"--source {name!r}: a source name is lower-case letters, digits, '-' and '_'")
         with coordinator_lock(url):
             store = open_store(url, storage_options)
             try:
-                group = _open_group(store, "r+", url)
+                root = _open_group(store, "r+", url)
             except FileNotFoundError:
-                group = None
-            if group is not None and "dhf_cache" not in group.attrs.asdict() and _unfinished_creation(group):
-                group = _open_group(store, "w", url)  # holds no image yet: start over
-            if group is None or not group.attrs.asdict() and not list(group.keys()):
-                group = _open_group(store, "w" if group is not None else "w-", url)
-                cache = cls._create(group, url, spec, layers, timesteps, tuple(latent_shape), provenance or {})
-            else:
-                cache = cls(group, url)
+                root = None
+            attrs = root.attrs.asdict() if root is not None else {}
+            if root is not None and "dhf_cache" not in attrs and _unfinished_creation(root):
+                root = _open_group(store, "w", url)  # holds no image yet: start over
+            elif root is not None and "dhf_cache" not in attrs and (attrs or list(root.keys())):
+                raise CacheError(f"{url}: a Zarr group, but not a dhf-cache cache (no 'dhf_cache' attribute); "
+                                 "choose another --cache")
+            if root is None or not root.attrs.asdict() and not list(root.keys()):
+                root = _open_group(store, "w" if root is not None else "w-", url)
+                root.attrs.put({"dhf_cache": {"format_version": FORMAT_VERSION, "provenance": {
+                    "created_by": f"dhf-cache {__version__}", "created_at": _now()}}})
+            names = source_names(root, url)
+            if root.attrs.asdict()["dhf_cache"].get("format_version") == 1 and name != names[0]:
+                raise UsageError(f"{url} is a format-1 cache, which holds one source ({names[0]}); run "
+                                 f"`dhf-cache migrate {url}` to upgrade it in place, then add --source {name}")
+            if name in names:
+                cache = open_source(root, url, name, names)
                 cache.check_spec(spec, layers)
+            else:
+                if names:
+                    _check_same_images(url, {n: open_source(root, url, n, names) for n in names}, name, image_ids)
+                group = root.require_group(SOURCES).require_group(name)
+                if "dhf_cache" not in group.attrs.asdict():  # new, or a creation killed half-way
+                    for child in list(group.keys()):
+                        del group[child]
+                cache = cls._create(group, url, spec, layers, timesteps, tuple(latent_shape or ()), provenance or {}, name)
             cache.add_images(image_ids)
         return cache
 
     @classmethod
-    def _create(cls, group, url, spec, layers, timesteps, latent_shape, provenance) -> FeatureCache:
+    def _create(cls, group, url, spec, layers, timesteps, latent_shape, provenance, name) -> FeatureCache:
         """Create every array, then the `dhf_cache` attribute last. A marker attribute written
         first lets a rerun tell a creation that was killed half-way (recreated: it holds no
         image) from a foreign Zarr group (refused)."""
         group.attrs.put({CREATING: {"created_by": f"dhf-cache {__version__}"}})
         meta = {
             "format_version": FORMAT_VERSION,
+            "source": name,
             "spec": spec.model_dump(mode="json"),
             "fingerprint": spec_fingerprints(spec),
             "layers": [layer.as_dict() for layer in layers],
             "timesteps": [int(t) for t in timesteps],
-            "save_steps": list(spec.feature_space.save_steps),
+            "save_steps": list(getattr(spec.feature_space, "save_steps", ())),
             "provenance": {
                 "created_by": f"dhf-cache {__version__}",
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "created_at": _now(),
                 **provenance,
             },
         }
         compressors = _compressors(spec)
-        n_steps = len(spec.feature_space.save_steps)
+        n_steps = len(timesteps)
         features = group.create_group(FEATURES)
         full = {"write_empty_chunks": True}
         for layer in layers:
@@ -255,15 +304,16 @@ class FeatureCache:
                 filters=_feature_filters(spec), serializer=_feature_serializer(spec), compressors=compressors,
                 fill_value=0, config=full,
             )
-        group.create_array(
-            "latents", shape=(0, *latent_shape), chunks=(1, *latent_shape), dtype="float32",
-            compressors=compressors, fill_value=0, config=full,
-        )
+        if latent_shape:  # sources that start from a latent (SD, SDXL); DINOv2 reads pixels
+            group.create_array(
+                "latents", shape=(0, *latent_shape), chunks=(1, *latent_shape), dtype="float32",
+                compressors=compressors, fill_value=0, config=full,
+            )
         group.create_array("image_ids", shape=(0,), chunks=(IDS_CHUNK,), dtype=str)
         group.create_array("done", shape=(0,), chunks=(1,), dtype=bool, fill_value=False)
         group.create_array("sizes", shape=(0, 2), chunks=(1, 2), dtype="int32", fill_value=0)
         group.create_array("errors", shape=(0,), chunks=(1,), dtype=str)
-        if spec.feature_space.source == "generation":  # the generated images, their prompts and seeds
+        if getattr(spec.feature_space, "source", None) == "generation":  # the generated images, their prompts and seeds
             side = spec.preprocessing.image_size
             gen = group.create_group(GENERATED)
             gen.create_array("images", shape=(0, side, side, 3), chunks=(1, side, side, 3), dtype="uint8",
@@ -271,7 +321,7 @@ class FeatureCache:
             gen.create_array("prompts", shape=(0,), chunks=(1,), dtype=str)
             gen.create_array("seeds", shape=(0,), chunks=(1,), dtype="int64", fill_value=0)
         group.attrs.put({"dhf_cache": meta})  # written last, replacing the marker: now it is a cache
-        return cls(group, url)
+        return cls(group, url, name)
 
     def check_spec(self, spec: BuildSpec, layers: Sequence[LayerInfo] | None = None) -> None:
         differences = spec_differences(self.spec, spec)
@@ -334,15 +384,28 @@ class FeatureCache:
             f"{GENERATED}/seeds": ArrayRule("int64", ()),
         }[path]
 
+    def path_of(self, path: str) -> str:
+        """`path` inside this source's group as a key of the store (format 2: sources/<name>/path)."""
+        return "/".join(p for p in (self.group.path, path) if p)
+
     def feature_array(self, layer: str):
         return self._array(f"{FEATURES}/{layer}")
 
     @property
+    def has_latents(self) -> bool:
+        """Sources that start from a VAE latent store it (SD, SDXL); DINOv2 reads pixels."""
+        return source_kind(self.spec) != "dinov2"
+
+    @property
+    def per_image_names(self) -> tuple[str, ...]:
+        return PER_IMAGE_ARRAYS if self.has_latents else tuple(n for n in PER_IMAGE_ARRAYS if n != "latents")
+
+    @property
     def is_generated(self) -> bool:
-        return self.spec.feature_space.source == "generation"
+        return getattr(self.spec.feature_space, "source", None) == "generation"
 
     def _per_image_arrays(self):
-        arrays = [self.feature_array(l.name) for l in self.layers] + [self._array(n) for n in PER_IMAGE_ARRAYS]
+        arrays = [self.feature_array(l.name) for l in self.layers] + [self._array(n) for n in self.per_image_names]
         if self.is_generated:
             arrays += [self._array(f"{GENERATED}/{n}") for n in GENERATED_ARRAYS]
         return arrays
@@ -414,7 +477,9 @@ class FeatureCache:
                 direct.append(_write_pool().submit(write_chunk, target, index, image.features[layer.name]))
             else:
                 writes.append((self.feature_array(layer.name), image.features[layer.name]))
-        writes += [(self._array("latents"), image.latent), (self._array("sizes"), np.asarray(size, dtype=np.int32))]
+        if self.has_latents:
+            writes.append((self._array("latents"), image.latent))
+        writes.append((self._array("sizes"), np.asarray(size, dtype=np.int32)))
         if clear_failure:
             writes.append((self._array("errors"), np.asarray("", dtype=object)))
         if image.image is not None:  # generation: the image, its prompt and seed
@@ -535,10 +600,11 @@ class FeatureCache:
         n_done = int(done.sum())
         raw_per_image = self.raw_bytes_per_image
         store = self.group.store
-        total = stored_bytes(store, timeout=self.timeout)
-        feature_bytes = stored_bytes(store, FEATURES, timeout=self.timeout)
+        total = stored_bytes(store, self.group.path, timeout=self.timeout)
+        feature_bytes = stored_bytes(store, self.path_of(FEATURES), timeout=self.timeout)
         return {
             "url": self.url,
+            "source": self.name,
             "format_version": self.meta["format_version"],
             "fingerprint": self.fingerprint,
             "spec": self.meta["spec"],
@@ -566,6 +632,85 @@ def _open_group(store, mode: str, url: str):
     from zarr.api.asynchronous import open_group
 
     return zarr.Group(run_bounded(open_group(store=store, mode=mode, zarr_format=3), store_timeout(url), f"opening {url}"))
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_version(meta: dict, url: str) -> None:
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CacheError(f"{url}: cache format version {version!r} is not one this dhf-cache understands "
+                         f"(1..{FORMAT_VERSION}); upgrade dhf-cache")
+
+
+def open_root(url: str, storage_options: dict | None = None, mode: str = "r"):
+    """The cache's root group, checked to be a dhf-cache cache of a known format."""
+    store = open_store(url, storage_options, read_only=(mode == "r"), create=False)
+    try:
+        root = _open_group(store, "r" if mode == "r" else "r+", url)
+    except FileNotFoundError:
+        raise CacheError(f"{url}: no cache here; build one with `dhf-cache build --cache {url}`") from None
+    attrs = root.attrs.asdict()
+    if MIGRATING in attrs:
+        raise CacheError(f"{url}: a `dhf-cache migrate` was interrupted; rerun `dhf-cache migrate {url}` to finish it")
+    meta = attrs.get("dhf_cache")
+    if not isinstance(meta, dict):
+        raise CacheError(f"{url}: a Zarr group, but not a dhf-cache cache (no 'dhf_cache' attribute)")
+    _check_version(meta, url)
+    return root
+
+
+def source_names(root, url: str) -> list[str]:
+    """The sources of a cache, oldest first: a format-1 cache's one source (named after its kind),
+    or every complete group under sources/ of a format-2 cache (a group whose creation was killed
+    has no `dhf_cache` attribute and is not a source)."""
+    meta = root.attrs.asdict()["dhf_cache"]
+    if meta["format_version"] == 1:
+        try:
+            return [source_kind(BuildSpec.model_validate(meta["spec"]))]
+        except (ValueError, KeyError, TypeError):
+            return ["sd"]  # the metadata check at open names what is wrong
+    if SOURCES not in root:
+        return []
+    found = []
+    try:
+        for name, node in root[SOURCES].members():
+            meta = node.attrs.asdict().get("dhf_cache")
+            if isinstance(meta, dict) and not hasattr(node, "dtype"):
+                created = (meta.get("provenance") or {}).get("created_at", "") if isinstance(meta.get("provenance"), dict) else ""
+                found.append((str(created), name))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CacheError(f"{url}: unreadable {SOURCES}/ metadata ({_first_line(exc)}); the cache's metadata is "
+                         "damaged") from None
+    return [name for _, name in sorted(found)]
+
+
+def open_source(root, url: str, name: str, names: Sequence[str] | None = None) -> FeatureCache:
+    names = list(names) if names is not None else source_names(root, url)
+    if name not in names:
+        raise UsageError(f"--source {name}: {url} holds no such source; it holds {', '.join(names) or 'none'}")
+    if root.attrs.asdict()["dhf_cache"]["format_version"] == 1:
+        return FeatureCache(root, url, name)
+    return FeatureCache(root[SOURCES][name], url, name)
+
+
+def _check_same_images(url: str, sources: dict[str, FeatureCache], name: str, image_ids: Sequence[str]) -> None:
+    """A source added to a cache covers exactly the images of the sources it already holds, so
+    maps of every source exist for every image (training and eval pair them by image id)."""
+    first, cache = next(iter(sources.items()))
+    held, wanted = set(cache.image_ids), set(image_ids)
+    if held == wanted:
+        return
+    extra, missing = sorted(wanted - held), sorted(held - wanted)
+    parts = []
+    if extra:
+        parts.append(f"{len(extra)} images not in source {first} ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''})")
+    if missing:
+        parts.append(f"{len(missing)} of its images missing ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    raise UsageError(f"{url}: source {name} would cover other images than the cache's: {'; '.join(parts)}. Build it "
+                     f"with the data set (and --limit) that built {first}, or into a new --cache")
 
 
 def _unfinished_creation(group) -> bool:

@@ -76,6 +76,11 @@ def check_root_meta(meta: Any, url: str) -> None:
     steps = meta["timesteps"]
     if not steps or not all(isinstance(t, int) and not isinstance(t, bool) for t in steps):
         raise _fail(url, f"dhf_cache.timesteps must be a non-empty list of integers, got {steps!r}")
+    if spec["feature_space"].get("kind") == "dinov2":  # no time axis: one position, no inversion steps
+        if steps != [0] or meta["save_steps"]:
+            raise _fail(url, f"a DINOv2 source stores one position (timesteps [0], no save_steps), got {steps} "
+                             f"and {meta['save_steps']}")
+        return
     if len(meta["save_steps"]) != len(steps) or list(spec["feature_space"].get("save_steps", [])) != meta["save_steps"]:
         raise _fail(url, f"dhf_cache.save_steps {meta['save_steps']} do not match the timesteps {steps} "
                          f"and the spec's save_steps {spec['feature_space'].get('save_steps')}")

@@ -61,6 +61,20 @@ class Checkpoint:
         return self.config["features"]
 
     @property
+    def fused(self) -> bool:
+        """True for a network over maps of several sources."""
+        return "sources" in self.config["features"]
+
+    @property
+    def source_features(self) -> dict[str, dict[str, Any]]:
+        """Each source's binding by source name, in the network's order (one entry unless fused;
+        runs from before format 2 and imported weights read the `sd` source)."""
+        if self.fused:  # in the network's order (config.json's objects are written with sorted keys)
+            bound = self.config["features"]["sources"]
+            return {entry["name"]: bound[entry["name"]] for entry in self.config["network"]["sources"]}
+        return {self.config["features"].get("source") or "sd": self.config["features"]}
+
+    @property
     def layer_names(self) -> list[str]:
         return [layer["name"] for layer in self.features["layers"]]
 
@@ -76,6 +90,23 @@ class Checkpoint:
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return sha256_of({"weights": digest.hexdigest(), "features": self.features})
+
+
+def checkpoint_source(run: Path) -> str | None:
+    """The cache source a run was trained on, from its config.json (None when unreadable: loading
+    the checkpoint reports why). Runs of format-1 caches, and imported weights, read SD maps."""
+    try:
+        config = json.loads((Path(run) / "config.json").read_text())
+        features, network = config.get("features", {}), config.get("network", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(features, dict) and isinstance(features.get("sources"), dict):  # a fused run: its sources in order
+        try:
+            return ",".join(entry["name"] for entry in network["sources"])
+        except (KeyError, TypeError):
+            return ",".join(features["sources"])  # malformed: loading the checkpoint says why
+    source = features.get("source") if isinstance(features, dict) else None
+    return source if isinstance(source, str) else "sd"
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -140,12 +171,34 @@ class _FeaturesEntry(_Strict):
     model_source: str | None = None
 
 
+class _SourceMapsEntry(_Strict):
+    name: str = Field(min_length=1)
+    layers: list[_LayerEntry] = Field(min_length=1)
+    n_timesteps: int = Field(ge=1)
+
+
+class _FusedNetworkEntry(_Strict):
+    """A network over maps of several sources (AggregationNetwork.over_sources)."""
+
+    sources: list[_SourceMapsEntry] = Field(min_length=2)
+    projection_dim: int = Field(ge=4)
+    output_size: int = Field(ge=1)
+    num_groups: int = Field(ge=1)
+
+
+class _FusedFeaturesEntry(_Strict):
+    """What a fused network reads: each source's binding, in the network's source order."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    sources: dict[str, _FeaturesEntry] = Field(min_length=2)
+
+
 class _RunConfig(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
     format: Literal["dhf-cache-checkpoint"]
     format_version: int
-    network: _NetworkEntry
-    features: _FeaturesEntry
+    network: _NetworkEntry | _FusedNetworkEntry
+    features: _FeaturesEntry | _FusedFeaturesEntry
     training: dict | None = None
 
 
@@ -180,12 +233,33 @@ def check_config(config: Any, path: Path) -> dict:
         raise CheckpointError(f"{path}: malformed ({one_line_errors(exc)}); restore the run's config.json "
                               "or train again") from None
     network, features = parsed.network, parsed.features
+    if isinstance(network, _FusedNetworkEntry) != isinstance(features, _FusedFeaturesEntry):
+        raise CheckpointError(f"{path}: inconsistent (network and features disagree on whether the network fuses "
+                              "several sources); restore the run's config.json or train again")
+    if isinstance(network, _FusedNetworkEntry):
+        problems = []
+        if sorted(s.name for s in network.sources) != sorted(features.sources):  # (config.json sorts keys)
+            problems.append(f"network.sources {[s.name for s in network.sources]} and features.sources "
+                            f"{list(features.sources)} differ")
+        else:
+            for entry in network.sources:
+                problems += [f"{entry.name}: {p}" for p in _binding_problems(entry, features.sources[entry.name])]
+    else:
+        problems = _binding_problems(network, features)
+    if problems:
+        raise CheckpointError(f"{path}: inconsistent ({'; '.join(problems)}); restore the run's config.json or train again")
+    return config
+
+
+def _binding_problems(network, features: _FeaturesEntry) -> list[str]:
+    """Why one source's network entry (layers, n_timesteps) and features binding disagree."""
     problems = []
     if [layer.model_dump() for layer in features.layers] != [layer.model_dump() for layer in network.layers]:
         problems.append("features.layers and network.layers name different layers")
     if len(features.timesteps) != network.n_timesteps:
         problems.append(f"{len(features.timesteps)} features.timesteps for network.n_timesteps {network.n_timesteps}")
-    if features.cache_timesteps is not None and features.feature_space_spec is not None:
+    if (features.cache_timesteps is not None and features.feature_space_spec is not None
+            and features.feature_space_spec.get("kind") is None):  # SD only: DINOv2 has no inversion steps
         # both or neither are read (`_checkpoint_steps`: a timestep's step index, by position)
         save_steps = features.feature_space_spec.get("save_steps")
         if (not isinstance(save_steps, list) or len(save_steps) != len(features.cache_timesteps)
@@ -194,9 +268,7 @@ def check_config(config: Any, path: Path) -> dict:
         outside = [t for t in features.timesteps if t not in features.cache_timesteps]
         if outside:
             problems.append(f"features.timesteps {outside} are not in features.cache_timesteps")
-    if problems:
-        raise CheckpointError(f"{path}: inconsistent ({'; '.join(problems)}); restore the run's config.json or train again")
-    return config
+    return problems
 
 
 def read_config(path: Path) -> dict:
@@ -445,7 +517,7 @@ TRANSFER_FIELDS = ("source", "generation")  # what may differ when inversion wei
 def _transfer(checkpoint_features: dict, cache) -> bool:
     """An inversion-trained checkpoint reading a generation cache (the paper's transfer claim)."""
     spec = checkpoint_features.get("feature_space_spec") or {}
-    return spec.get("source", "inversion") == "inversion" and cache.spec.feature_space.source == "generation"
+    return spec.get("source", "inversion") == "inversion" and getattr(cache.spec.feature_space, "source", None) == "generation"
 
 
 def _checkpoint_steps(checkpoint_features: dict) -> list[int] | None:

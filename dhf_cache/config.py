@@ -6,11 +6,15 @@ is how one run builds it (device, batch size, ...), which never changes the stor
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FORMAT_VERSION = 1
+from dhf_cache.errors import UsageError
+
+# 2: one group per feature source under sources/<name>; 1 (still read): one SD source at the root
+FORMAT_VERSION = 2
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # METHOD.md: saved inversion step indices (49 = cleanest), stored clean first.
@@ -130,10 +134,68 @@ class StorageSpec(Frozen):
     codec: CodecSpec = CodecSpec()
 
 
-class BuildSpec(Frozen):
-    """The whole spec of a cache; stored in its root attributes and fingerprinted."""
+DINOV2_LAYER_NAME = re.compile(r"encoder\.layer\.(0|[1-9][0-9]*)|layernorm")
 
-    feature_space: FeatureSpace
+
+class Dinov2Identity(Frozen):
+    """What DINOv2 features depend on, not where the model was loaded from.
+
+    `weights_sha256` covers the weights rounded to fp16 (so fp32 and fp16 copies agree) and the
+    config values in dhf_cache.sources.dinov2's _ARCHITECTURE_KEYS.
+    """
+
+    model_class: str
+    weights_sha256: str
+    patch_size: int
+    num_register_tokens: int
+
+
+class Dinov2FeatureSpace(Frozen):
+    """Everything that decides what a stored DINOv2 map means; a checkpoint binds to this."""
+
+    kind: Literal["dinov2"]
+    model: Dinov2Identity
+    layers: tuple[str, ...]
+    image_size: int  # the model input is image_size x image_size
+    normalization: Literal["imagenet"] = "imagenet"
+    tokens: Literal["patch"] = "patch"
+    storage_dtype: Literal["float16"] = "float16"
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one layer must be captured")
+        bad = [name for name in v if not DINOV2_LAYER_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"layers {bad} are not DINOv2 layer names (encoder.layer.<i> or layernorm)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layers names a layer twice: {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _image_size_in_patches(self) -> Dinov2FeatureSpace:
+        check_image_size(self.image_size, self.model.patch_size, error=ValueError)
+        return self
+
+
+def check_image_size(image_size: int, patch_size: int, error: type[Exception] = UsageError) -> int:
+    """`image_size` if it is a positive multiple of `patch_size`, else `error` saying why."""
+    if image_size < patch_size or image_size % patch_size:
+        lower = max(patch_size, image_size // patch_size * patch_size)
+        raise error(
+            f"image_size {image_size} is not a positive multiple of the patch size {patch_size} "
+            f"(e.g. {lower} or {lower + patch_size})"
+        )
+    return image_size
+
+
+class BuildSpec(Frozen):
+    """The whole spec of a cache source; stored in its attributes and fingerprinted. The feature
+    space says the source's family: SD 1.x/2.x (`FeatureSpace`, no `kind`, as in format 1) or
+    DINOv2 (`kind: "dinov2"`)."""
+
+    feature_space: FeatureSpace | Dinov2FeatureSpace
     preprocessing: Preprocessing = Preprocessing()
     compute: ComputeSpec = ComputeSpec()
     storage: StorageSpec = StorageSpec()
@@ -157,6 +219,11 @@ class BuildOptions(Frozen):
         if v is not None and not (v[1] >= 1 and 0 <= v[0] < v[1]):
             raise ValueError(f"shard {v[0]}/{v[1]}: needs 0 <= I < N")
         return v
+
+
+def source_kind(spec: BuildSpec) -> str:
+    """The family of a source's model: "sd" (SD 1.x/2.x UNets), or the `kind` its feature space names."""
+    return getattr(spec.feature_space, "kind", None) or "sd"
 
 
 def validate_save_steps(steps: int, save_steps: tuple[int, ...]) -> None:

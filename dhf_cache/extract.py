@@ -24,7 +24,8 @@ from dhf_cache.layers import LayerInfo
 
 @dataclass
 class ExtractedImage:
-    latent: np.ndarray  # (4, h, w) float32, the sampled and scaled initial latent (generation: the noise)
+    latent: np.ndarray | None  # (4, h, w) float32, the sampled and scaled initial latent (generation: the
+    # noise); None for sources without one (DINOv2)
     features: dict[str, np.ndarray]  # layer -> (T, C, H, W) float16, clean first
     error: str | None = None  # set when the features cannot be stored faithfully
     image: np.ndarray | None = None  # (H, W, 3) uint8: the generated image (generation only)
@@ -77,6 +78,17 @@ class FeatureExtractor:
         from dhf_cache.generation import FeatureGenerator
 
         return FeatureGenerator(self, self.space.generation)
+
+    def preprocess(self, image) -> torch.Tensor:
+        """One loaded image as the model input (METHOD.md's chain, images.preprocess)."""
+        from dhf_cache.images import preprocess
+
+        return preprocess(image, self.preprocessing.load_size, self.preprocessing.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.preprocessing.image_size // self.vae_factor
+        return (int(self.backbone.unet.config.in_channels), side, side)
 
     @property
     def timesteps(self) -> list[int]:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import numpy as np
 import torch
 
 from dhf_cache.cache import FeatureCache
@@ -43,7 +44,8 @@ def select_features(cache: FeatureCache, layers: Sequence[str] | None = None,
                     timesteps: Sequence[int] | None = None) -> FeatureSelection:
     """A subset of what the cache holds (all by default); refuses names or steps it lacks."""
     by_name = {layer.name: layer for layer in cache.layers}
-    chosen = list(layers) if layers else list(by_name)
+    prefix = f"{cache.name}:"  # SOURCE:LAYER names this cache's layer as well
+    chosen = [n[len(prefix):] if n.startswith(prefix) else n for n in layers] if layers else list(by_name)
     unknown = [name for name in chosen if name not in by_name]
     if unknown:
         raise UsageError(f"--layers {', '.join(unknown)}: not in the cache; it holds {', '.join(by_name)}")
@@ -137,3 +139,100 @@ class Prefetcher(Generic[T, R]):
             finally:
                 for future in pending:
                     future.cancel()
+
+
+# ------------------------------------------------------------------------------ several sources
+
+
+@dataclass(frozen=True)
+class SourcesSelection:
+    """The maps one aggregator reads from several sources of a cache: a FeatureSelection per
+    source, in the network's source order (the first source's positions index the images)."""
+
+    selections: dict[str, FeatureSelection]
+
+    def source_maps(self) -> list:
+        from dhf_cache.aggregator import SourceMaps
+
+        return [SourceMaps(name, sel.layers, len(sel.positions)) for name, sel in self.selections.items()]
+
+    @property
+    def n_maps(self) -> int:
+        return sum(len(sel.layers) * len(sel.positions) for sel in self.selections.values())
+
+
+def select_across_sources(caches: dict[str, FeatureCache], sources: Sequence[str],
+                          layers: Sequence[str] | None = None,
+                          timesteps: Sequence[int] | None = None) -> SourcesSelection:
+    """Maps of `sources` (in that order). `layers` entries are `SOURCE:LAYER`, or a bare layer name
+    held by exactly one of them; a source none of the entries names contributes all its layers.
+    `timesteps` applies to sources with a time axis (T > 1); a source without one has T = 1."""
+    unknown = [s for s in sources if s not in caches]
+    if unknown:
+        raise UsageError(f"--source {', '.join(unknown)}: not in the cache; it holds {', '.join(caches)}")
+    if len(set(sources)) != len(sources):
+        raise UsageError(f"--source names a source twice: {', '.join(sources)}")
+    chosen: dict[str, list[str]] = {s: [] for s in sources}
+    for entry in layers or ():
+        source, sep, name = entry.partition(":")
+        if sep:
+            if source not in chosen:
+                raise UsageError(f"--layers {entry}: source {source} is not among --source {', '.join(sources)}")
+        else:
+            name = entry
+            holders = [s for s in sources if name in {l.name for l in caches[s].layers}]
+            if len(holders) != 1:
+                listing = "; ".join(f"{s}: {', '.join(l.name for l in caches[s].layers)}" for s in sources)
+                raise UsageError(f"--layers {entry}: {'held by ' + ' and '.join(holders) + ', write SOURCE:LAYER' if holders else 'in none of the sources'} ({listing})")
+            source = holders[0]
+        chosen[source].append(name)
+    selections = {}
+    for source in sources:
+        cache = caches[source]
+        steps = timesteps if len(cache.timesteps) > 1 else None
+        try:
+            selections[source] = select_features(cache, chosen[source] or None, steps)
+        except UsageError as exc:
+            raise UsageError(f"source {source}: {exc}") from None
+    return SourcesSelection(selections)
+
+
+def done_in_all(caches: Sequence[FeatureCache]) -> np.ndarray:
+    """Per index of the first cache's images: done there and in every other source (found by id)."""
+    primary = caches[0]
+    done = primary.done_mask().copy()
+    for cache in caches[1:]:
+        index, flags = cache.index_of(), cache.done_mask()
+        done &= np.array([i in index and bool(flags[index[i]]) for i in primary.image_ids], dtype=bool)
+    return done
+
+
+class SourcesReader:
+    """One image's selected maps of several sources, keyed `map_key(source, layer)`; images are
+    addressed by their index in the first source and found in the others by id."""
+
+    def __init__(self, caches: dict[str, FeatureCache], selection: SourcesSelection, check_finite: bool = False):
+        from dhf_cache.aggregator import map_key
+
+        self.caches = {name: caches[name] for name in selection.selections}
+        self.primary = next(iter(self.caches.values()))
+        self.readers = {name: FeatureReader(self.caches[name], sel, check_finite)
+                        for name, sel in selection.selections.items()}
+        self._key = map_key
+        ids = self.primary.image_ids
+        self._positions = {}
+        for name, cache in self.caches.items():  # primary index -> this source's index (-1: absent)
+            index = cache.index_of()
+            self._positions[name] = np.array([index.get(i, -1) for i in ids], dtype=np.int64)
+
+    def done_mask(self) -> np.ndarray:
+        """Per primary index: done in every source (an image missing from a source is not done)."""
+        return done_in_all(list(self.caches.values()))
+
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        maps = {}
+        for name, reader in self.readers.items():
+            position = int(self._positions[name][index])
+            for layer, tensor in reader.read(position).items():
+                maps[self._key(name, layer)] = tensor
+        return maps

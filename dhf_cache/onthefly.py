@@ -57,9 +57,20 @@ def derive_save_steps(timesteps: Sequence[int], steps: int = DEFAULT_STEPS,
     return tuple(sorted({step_of[t] for t in timesteps}, reverse=True))
 
 
+def on_the_fly_only_sd(checkpoint: Checkpoint) -> None:
+    """Features are extracted on the fly from SD UNets only: a checkpoint that reads another
+    source's maps (or fuses several) is evaluated from a cache instead; one line saying so."""
+    kinds = [(b.get("feature_space_spec") or {}).get("kind") for b in checkpoint.source_features.values()]
+    if checkpoint.fused or any(kinds):
+        raise UsageError(f"{checkpoint.run}: this checkpoint reads maps of {', '.join(checkpoint.source_features)}; "
+                         "extraction on the fly covers SD models only: build a cache of your images with each "
+                         "source (`dhf-cache build --dataset folder:DIR --source NAME`) and use `dhf-cache eval`")
+
+
 def checkpoint_spec(checkpoint: Checkpoint) -> tuple[FeatureSpace | None, Preprocessing | None]:
     """The (feature space, preprocessing) the checkpoint's cache was built with; (None, None)
     for an imported checkpoint that was never bound to a cache."""
+    on_the_fly_only_sd(checkpoint)
     features = checkpoint.features
     spec = features.get("feature_space_spec")
     if spec is None:

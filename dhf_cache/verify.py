@@ -42,7 +42,7 @@ class VerifyReport:
 
 
 def _arrays(cache: FeatureCache) -> list[tuple[str, object]]:
-    paths = [f"{FEATURES}/{layer.name}" for layer in cache.layers] + ["latents", "sizes"]
+    paths = [f"{FEATURES}/{layer.name}" for layer in cache.layers] + (["latents"] if cache.has_latents else []) + ["sizes"]
     if cache.is_generated:
         paths += [f"{GENERATED}/{name}" for name in GENERATED_ARRAYS if name != "prompts"]
     return [(path, cache.group[path]) for path in paths]
@@ -50,12 +50,13 @@ def _arrays(cache: FeatureCache) -> list[tuple[str, object]]:
 
 def _chunk_exists(cache: FeatureCache, path: str, array, index: int) -> bool:
     key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-    return bool(run_bounded(cache.group.store.exists(f"{path}/{key}"), cache.timeout, f"looking up {path}/{key}"))
+    full = cache.path_of(f"{path}/{key}")
+    return bool(run_bounded(cache.group.store.exists(full), cache.timeout, f"looking up {full}"))
 
 
 def _stray_partials(cache: FeatureCache) -> list[Path]:
     root = getattr(cache.group.store, "root", None)
-    return sorted(Path(root).rglob("*.partial")) if isinstance(root, Path) else []
+    return sorted((Path(root) / cache.group.path).rglob("*.partial")) if isinstance(root, Path) else []
 
 
 CACHE_LISTS = "(image_ids, done)"  # the report's key for problems of the cache's own lists

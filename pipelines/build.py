@@ -26,7 +26,7 @@ from dhf_cache.device import resolve_device
 from dhf_cache.disk_space import check_free_space
 from dhf_cache.errors import DhfCacheError, ImageError, StorageError, UsageError, invalid_values
 from dhf_cache.extract import ExtractedImage, FeatureExtractor
-from dhf_cache.images import load_image, preprocess
+from dhf_cache.images import load_image
 from dhf_cache.progress import progress_bar
 
 
@@ -48,6 +48,8 @@ class BuildRequest:
     dtype: str = "auto"
     storage: StorageSpec = StorageSpec()
     storage_options: dict = field(default_factory=dict)
+    family: str = "auto"  # the model's family: sd, dinov2 (auto: from the model's files or name)
+    source: str | None = None  # the source's name in the cache (default: the family)
 
 
 @dataclass
@@ -143,7 +145,10 @@ def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str],
     """Load the backbone, resolve layers and steps into a full spec, and ready the extractor."""
     device = resolve_device(device_name)
     dtype_name = request.dtype if request.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
-    log(f"loading model {request.model} on {device} ({dtype_name})")
+    family = model_family(request.model, request.family)
+    log(f"loading {family} model {request.model} on {device} ({dtype_name})")
+    if family == "dinov2":
+        return _load_dinov2_extractor(request, device, dtype_name)
     backbone = load_backbone(request.model, DTYPES[dtype_name])
     identity = backbone.identity  # hashed on the CPU, rounded to fp16 (see ModelIdentity)
     backbone.to(device)
@@ -153,21 +158,70 @@ def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str],
     return extractor, spec
 
 
+def _load_dinov2_extractor(request: BuildRequest, device: torch.device, dtype_name: str):
+    from dhf_cache.sources.dinov2 import Dinov2Extractor, feature_space, load_dinov2, resolve_dinov2_layers
+
+    if request.prompts is not None:
+        raise UsageError("--generate needs a diffusion model; DINOv2 reads images (--dataset)")
+    backbone = load_dinov2(request.model, DTYPES[dtype_name])
+    identity = backbone.identity()  # hashed on the CPU, rounded to fp16
+    backbone.to(device)
+    layers = resolve_dinov2_layers(backbone, request.layers)
+    space = feature_space(backbone, layers, request.preprocessing.image_size)
+    spec = BuildSpec(feature_space=space, preprocessing=request.preprocessing, compute=ComputeSpec(dtype=dtype_name),
+                     storage=request.storage)
+    assert space.model == identity
+    return Dinov2Extractor(backbone, space, request.preprocessing, device), spec
+
+
+FAMILIES = ("sd", "dinov2")
+
+
+def model_family(model: str, family: str = "auto") -> str:
+    """The family of `model` (a folder or hub id): `family` if given, else read from the
+    folder's (or the local HF cache's) config files, else guessed from the hub id's name."""
+    import json
+    from pathlib import Path
+
+    if family != "auto":
+        if family not in FAMILIES:
+            raise UsageError(f"--family {family!r}: use auto, {', '.join(FAMILIES)}")
+        return family
+    folder = Path(model)
+    if not folder.is_dir():
+        from dhf_cache.backbone import local_snapshot
+
+        folder = local_snapshot(model) or folder
+    if (folder / "model_index.json").is_file():
+        return "sd"
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type", "")
+        except (OSError, ValueError, AttributeError):
+            model_type = ""
+        if str(model_type).startswith("dinov2"):
+            return "dinov2"
+    return "dinov2" if "dinov2" in model.lower() else "sd"
+
+
 def open_build(request: BuildRequest, image_ids: list[str], device_name: str,
                log: Callable[[str], None]) -> tuple[FeatureExtractor, FeatureCache]:
     """The coordinator's part: the extractor, and the cache created or checked for its spec."""
     extractor, spec = load_extractor(request, device_name, log)
-    timesteps = extractor.generator.timesteps if spec.feature_space.source == "generation" else extractor.timesteps
+    generating = getattr(spec.feature_space, "source", None) == "generation"
+    timesteps = extractor.generator.timesteps if generating else extractor.timesteps
     cache = FeatureCache.prepare(
         request.cache_url,
         spec,
         extractor.layer_table(),
         timesteps,
         image_ids,
-        latent_shape=_latent_shape(extractor),
+        latent_shape=extractor.latent_shape,
         provenance={"model_source": request.model,
                     "dataset": request.dataset.spec if request.dataset else f"{len(request.prompts)} prompts"},
         storage_options=request.storage_options,
+        source=request.source,
     )
     return extractor, cache
 
@@ -210,7 +264,6 @@ def build_images(
     `plan` (from `plan_build`, e.g. made once by a coordinator for many workers) saves reading
     the cache's done flags and failure records again."""
     start = time.perf_counter()
-    pre = extractor.preprocessing
     plan = plan or plan_build(cache, records)
     index, todo = plan.index, plan.todo
     groups = _batch_groups(records, index, options.batch_size)
@@ -245,7 +298,7 @@ def build_images(
                         writer.put(index[record.id], None, None, str(exc), record.id)
             if not loaded:
                 continue
-            pixels = torch.stack([preprocess(im, pre.load_size, pre.image_size) for _, im in loaded])
+            pixels = torch.stack([extractor.preprocess(im) for _, im in loaded])
             results = extractor.extract(pixels, [r.id for r, _ in loaded])
             for (record, image), result in zip(loaded, results):
                 if record.id in todo:
@@ -257,11 +310,6 @@ def build_images(
         writer.close()
     return BuildResult(cache.url, len(records), n_skipped, writer.n_written, failures,
                        time.perf_counter() - start, interrupted)
-
-
-def _latent_shape(extractor: FeatureExtractor) -> tuple[int, int, int]:
-    side = extractor.preprocessing.image_size // extractor.vae_factor
-    return (int(extractor.backbone.unet.config.in_channels), side, side)
 
 
 def _batch_groups(records: list[ImageRecord], index: dict[str, int], size: int) -> list[list[ImageRecord]]:

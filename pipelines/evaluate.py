@@ -12,6 +12,7 @@ or not built) is refused with one line before the cache or the output folder is 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -21,9 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
+from dhf_cache.checkpoint import (Checkpoint, check_features_match, checkpoint_selection, checkpoint_source,
+                                  load_checkpoint)
 from dhf_cache.config import EVAL_LOAD_SIZE, MAX_LOAD_SIZE, MIN_LOAD_SIZE, PCK_ALPHAS
 from dhf_cache.datasets import Dataset, PairRecord, open_dataset
 from dhf_cache.descriptor_store import DescriptorStore
@@ -31,7 +34,7 @@ from dhf_cache.descriptors import LRUDescriptors, aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.disk_space import human_bytes
 from dhf_cache.errors import CheckpointError, EvaluationError, ImageError, UsageError
-from dhf_cache.feature_loader import FeatureReader, Prefetcher
+from dhf_cache.feature_loader import FeatureReader, Prefetcher, SourcesReader, SourcesSelection, done_in_all
 from dhf_cache.matching import parse_refine
 from dhf_cache.pck import bbox_length
 from dhf_cache.progress import progress_bar
@@ -60,6 +63,7 @@ class EvalRequest:
     progress: bool = True
     drawings: int = 6
     threads: int | None = None  # torch intra-op threads (None: torch's own choice)
+    source: str | None = None  # the cache's feature source (None: its only one, the checkpoint's, --raw's)
 
 
 @dataclass
@@ -83,9 +87,14 @@ def select_pairs(pairs: list[PairRecord], limit_per_category: int | None) -> lis
 
 
 def parse_raw(text: str, cache: FeatureCache) -> tuple[str, int]:
-    """`LAYER@T` (T the UNet timestep, e.g. up_blocks.1.resnets.1@260) -> (layer, time position)."""
+    """`LAYER@T` (T the UNet timestep, e.g. up_blocks.1.resnets.1@260) -> (layer, time position);
+    a source without a time axis (DINOv2: one position) takes `LAYER` alone. A `SOURCE:` prefix
+    (chosen by `_open_cache`) is dropped."""
     layers = [l.name for l in cache.layers]
-    valid = f"layers: {', '.join(layers)}; timesteps: {', '.join(map(str, cache.timesteps))}"
+    valid = f"source {cache.name}: layers: {', '.join(layers)}; timesteps: {', '.join(map(str, cache.timesteps))}"
+    text = text.split(":", 1)[1] if ":" in text else text
+    if "@" not in text and len(cache.timesteps) == 1 and text in layers:
+        return text, 0
     layer, sep, step = text.rpartition("@")
     if not sep or layer not in layers:
         raise EvaluationError(f"--raw {text!r}: expected LAYER@T or best, with a layer and UNet timestep of the cache ({valid})")
@@ -116,17 +125,20 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     if request.threads:
         torch.set_num_threads(request.threads)
     refine = parse_refine(request.refine)
-    cache = _open_cache(request)
+    caches = _open_caches(request)
+    cache = next(iter(caches.values()))  # images are addressed by their index in this source
     dataset = open_dataset(request.dataset)
     pairs = select_pairs(dataset.pairs(request.split), request.limit_per_category)
-    pairs, input_skipped = check_pairs(pairs, cache, request)
+    pairs, input_skipped = check_pairs(pairs, cache, request, done_in_all(list(caches.values())))
     if not pairs:
         raise EvaluationError(f"no pairs to evaluate in split {request.split!r} of {request.dataset}")
     notes: list[str] = []
     # a bad --checkpoint or --raw is refused before the output folder or a progress bar appears
     if request.checkpoint is not None:
         ckpt = load_checkpoint(request.checkpoint, resolve_device(request.device))
-        notes += _check_checkpoint(ckpt, cache, request.checkpoint)
+        notes += _check_checkpoint(ckpt, caches, request.checkpoint)
+    elif "+" in request.raw:
+        parts = [parse_raw_part(part, caches, request.raw) for part in request.raw.split("+")]
     elif request.raw != "best":
         layer, position = parse_raw(request.raw, cache)
     request.out.mkdir(parents=True, exist_ok=True)
@@ -138,21 +150,30 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     mixing = None
     descriptor_counts = None
     checkpoint_fp = None
-    checkpoint_source = None
+    trained_on = None
     # the raw sweep has its own bar (per map); a per-pair bar beside it would sit at 0
     bar = progress_bar(len(pairs), "match", unit="pair", enabled=request.progress and request.raw != "best")
     if request.checkpoint is not None:
-        provider, descriptor_counts, note = _checkpoint_descriptors(ckpt, cache, pairs, request, log)
+        provider, descriptor_counts, note = _checkpoint_descriptors(ckpt, caches, pairs, request, log)
         notes += note
         options["descriptor"] = f"checkpoint {request.checkpoint}"
         checkpoint_fp = ckpt.fingerprint
-        checkpoint_source = (ckpt.features.get("feature_space_spec") or {}).get("source", "inversion")
-        mixing = (ckpt.network.mixing_weights_table().cpu().numpy(), ckpt.layer_names, ckpt.timesteps)
+        if ckpt.fused:
+            trained_on = ",".join(ckpt.source_features)
+            notes.append(f"fused checkpoint over sources {trained_on}: {len(ckpt.network.map_keys)} layers")
+        else:
+            trained_on = (ckpt.features.get("feature_space_spec") or {}).get("source", "inversion")
+            mixing = (ckpt.network.mixing_weights_table().cpu().numpy(), ckpt.layer_names, ckpt.timesteps)
         accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,
                                                on_pair=lambda: bar.update(1))
     elif request.raw == "best":
         accumulator, predictions, raw_table, best = _raw_sweep(cache, pairs, request, refine, log)
         options["descriptor"] = f"raw best: {best}"
+    elif "+" in request.raw:
+        provider = LRUDescriptors(_fused_raw_provider(caches, parts), capacity=64)
+        options["descriptor"] = f"raw fused (SD+DINO: each map L2-normalised per pixel, concatenated) {request.raw}"
+        accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,
+                                               on_pair=lambda: bar.update(1))
     else:
         provider = LRUDescriptors(_raw_provider(cache, layer, position), capacity=64)
         options["descriptor"] = f"raw {request.raw}"
@@ -171,8 +192,8 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
                     "dropped_nonfinite_points": sum(p.dropped_kps for p in pairs)},
         "fingerprints": {"checkpoint": checkpoint_fp, "cache": cache.fingerprint},
         "options": options,
-        "feature_source": cache.spec.feature_space.source,
-        "checkpoint_feature_source": checkpoint_source,
+        "feature_source": getattr(cache.spec.feature_space, "source", cache.name),
+        "checkpoint_feature_source": trained_on,
         "notes": notes,
         "descriptors": descriptor_counts,
         "dataset": request.dataset,
@@ -182,23 +203,111 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     return EvalResult(request.out, metrics, time.perf_counter() - started, raw_table)
 
 
-def _open_cache(request: EvalRequest) -> FeatureCache:
-    """Writable when descriptors will be stored; a read-only cache still evaluates (in memory)."""
-    url = request.cache_url
-    if request.checkpoint is None:  # a missing cache is refused either way, and nothing created
-        return FeatureCache.open(url, request.storage_options)
+def _open_caches(request: EvalRequest) -> dict[str, FeatureCache]:
+    """The sources eval reads, the one that addresses images first: several for a fused
+    checkpoint or a `+`-joined --raw list, else one (`_open_cache`)."""
+    if request.checkpoint is not None and request.source is None:
+        named = checkpoint_source(request.checkpoint) or ""
+        if "," in named:
+            names = named.split(",")
+            first = _open_cache(dataclasses.replace(request, source=names[0]))
+            others = FeatureCache.open_all(request.cache_url, request.storage_options)
+            missing = [n for n in names if n not in others]
+            if missing:
+                raise CheckpointError(f"--checkpoint {request.checkpoint} fuses maps of sources {', '.join(names)}; "
+                                      f"the cache {request.cache_url} lacks {', '.join(missing)} (it holds "
+                                      f"{', '.join(others)}): build them with `dhf-cache build --source NAME`")
+            return {n: first if n == names[0] else others[n] for n in names}
+    if request.raw is not None and "+" in request.raw:
+        everything = FeatureCache.open_all(request.cache_url, request.storage_options)
+        names = []
+        for part in request.raw.split("+"):
+            name = raw_part_source(part, everything, request.raw)
+            if name not in names:
+                names.append(name)
+        return {n: everything[n] for n in names}
+    cache = _open_cache(request)
+    return {cache.name: cache}
+
+
+def raw_part_source(part: str, caches: dict[str, FeatureCache], whole: str) -> str:
+    """The source of one map of a `+`-joined --raw list: its SOURCE: prefix, else the one source
+    holding that layer; one EvaluationError line listing each source's maps otherwise."""
+    source, sep, rest = part.partition(":")
+    if sep:
+        if source not in caches:
+            raise EvaluationError(f"--raw {whole!r}: no source {source!r}; " + _maps_listing(caches))
+        return source
+    layer = part.rpartition("@")[0] or part
+    holders = [n for n, c in caches.items() if layer in {l.name for l in c.layers}]
+    if len(holders) != 1:
+        raise EvaluationError(f"--raw {whole!r}: map {part!r} is in {'sources ' + ', '.join(holders) + '; write SOURCE:MAP' if holders else 'no source'}; "
+                              + _maps_listing(caches))
+    return holders[0]
+
+
+def _maps_listing(caches: dict[str, FeatureCache]) -> str:
+    return "the cache's maps: " + "; ".join(
+        f"{n}: layers {', '.join(l.name for l in c.layers)}"
+        + (f" @ t {', '.join(map(str, c.timesteps))}" if len(c.timesteps) > 1 else " (no time axis)")
+        for n, c in caches.items())
+
+
+def parse_raw_part(part: str, caches: dict[str, FeatureCache], whole: str) -> tuple[FeatureCache, str, int]:
+    """One map of a `+`-joined --raw list as (its source, layer, time position)."""
+    cache = caches[raw_part_source(part, caches, whole)]
     try:
-        return FeatureCache.open(request.cache_url, request.storage_options, mode="r+")
+        layer, position = parse_raw(part, cache)
+    except EvaluationError as exc:
+        raise EvaluationError(f"--raw {whole!r}: {exc}; " + _maps_listing(caches)) from None
+    return cache, layer, position
+
+
+def _fused_raw_provider(caches: dict[str, FeatureCache], parts) -> Callable[[str], torch.Tensor]:
+    """The zero-shot fusion of SD+DINO (Zhang et al. 2023): each map L2-normalised over its
+    channels at every pixel, resized to the largest map's grid (bilinear), then concatenated;
+    matching's cosine similarity then weighs every map equally."""
+    side = max(max(c.layers[[l.name for l in c.layers].index(layer)].height, c.layers[[l.name for l in c.layers].index(layer)].width)
+               for c, layer, _ in parts)
+    indexes = {id(c): c.index_of() for c, _, _ in parts}
+
+    def compute(image_id: str) -> torch.Tensor:
+        maps = []
+        for cache, layer, position in parts:
+            stored = cache.read_features(indexes[id(cache)][image_id], [layer], check_finite=True)[layer][position]
+            x = torch.from_numpy(np.asarray(stored, dtype=np.float32))
+            x = x / x.norm(dim=0, keepdim=True).clamp_min(1e-12)
+            if tuple(x.shape[-2:]) != (side, side):
+                x = F.interpolate(x[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+            maps.append(x)
+        return torch.cat(maps)
+
+    return compute
+
+
+def _open_cache(request: EvalRequest) -> FeatureCache:
+    """Writable when descriptors will be stored; a read-only cache still evaluates (in memory).
+    Of a cache with several sources: --source, else the checkpoint's, else --raw's SOURCE: prefix."""
+    url = request.cache_url
+    source, prefer = request.source, None
+    if source is None and request.raw is not None and ":" in request.raw:
+        source = request.raw.split(":", 1)[0]
+    if source is None and request.checkpoint is not None:
+        prefer = checkpoint_source(request.checkpoint)
+    if request.checkpoint is None:  # a missing cache is refused either way, and nothing created
+        return FeatureCache.open(url, request.storage_options, source=source, prefer=prefer)
+    try:
+        return FeatureCache.open(request.cache_url, request.storage_options, mode="r+", source=source, prefer=prefer)
     except (PermissionError, OSError):
-        return FeatureCache.open(request.cache_url, request.storage_options)
+        return FeatureCache.open(request.cache_url, request.storage_options, source=source, prefer=prefer)
 
 
 def _shown(items: list[str]) -> str:
     return ", ".join(items[:10]) + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
 
 
-def check_pairs(pairs: list[PairRecord], cache: FeatureCache,
-                request: EvalRequest) -> tuple[list[PairRecord], dict[str, int]]:
+def check_pairs(pairs: list[PairRecord], cache: FeatureCache, request: EvalRequest,
+                done: np.ndarray | None = None) -> tuple[list[PairRecord], dict[str, int]]:
     """The pairs to score and how many were left out, by reason. Pairs whose images the data set
     cannot use (`PairRecord.error`: unsafe path, missing or unreadable file) and pairs with an
     image the cache has not built are refused in one line each, or skipped with --skip-missing."""
@@ -210,7 +319,8 @@ def check_pairs(pairs: list[PairRecord], cache: FeatureCache,
             + ". Fix the files or annotations, or pass --skip-missing to score the other pairs."
         )
     usable = [p for p in pairs if not p.error]
-    index, done = cache.index_of(), cache.done_mask()
+    index = cache.index_of()
+    done = cache.done_mask() if done is None else done  # (several sources: done in each)
     ok = lambda i: i in index and bool(done[index[i]])  # noqa: E731
     missing = sorted({i for p in usable for i in (p.src, p.trg) if not ok(i)})
     if missing and not request.skip_missing:
@@ -223,28 +333,37 @@ def check_pairs(pairs: list[PairRecord], cache: FeatureCache,
     return kept, {"unusable_image_pairs": len(unusable), "missing_image_pairs": len(usable) - len(kept)}
 
 
-def _check_checkpoint(ckpt: Checkpoint, cache: FeatureCache, path: Path) -> list[str]:
-    problems = check_features_match(ckpt.features, cache)
+def _check_checkpoint(ckpt: Checkpoint, caches: dict[str, FeatureCache], path: Path) -> list[str]:
+    """Every source the checkpoint reads checked against its binding; notes for the report."""
+    problems, notes = [], []
+    fused = ckpt.fused
+    for name, features in ckpt.source_features.items():
+        cache = caches[name] if fused else next(iter(caches.values()))
+        where = f"source {name}: " if fused else ""
+        problems += [where + p for p in check_features_match(features, cache)]
+        if features.get("feature_space") is None:
+            notes.append("imported checkpoint not bound to a feature space: checked layer names, channels and "
+                         "timesteps only")
+        trained_pre = features.get("preprocessing")
+        cache_pre = cache.spec.preprocessing.model_dump(mode="json")
+        if trained_pre and trained_pre != cache_pre:
+            diffs = [f"{k} {trained_pre.get(k)} -> {v}" for k, v in cache_pre.items() if trained_pre.get(k) != v]
+            notes.append(where + "same feature space, other preprocessing than the training cache (allowed): "
+                         + ", ".join(diffs))
     if problems:
+        url = next(iter(caches.values())).url
         raise CheckpointError(
-            f"--checkpoint {path} does not fit the cache {cache.url}:\n  " + "\n  ".join(problems)
+            f"--checkpoint {path} does not fit the cache {url}:\n  " + "\n  ".join(problems)
             + "\nEvaluate it on a cache built with the checkpoint's model and settings (see its config.json)."
         )
-    notes = []
-    if ckpt.features.get("feature_space") is None:
-        notes.append("imported checkpoint not bound to a feature space: checked layer names, channels and "
-                     "timesteps only")
-    trained_pre = ckpt.features.get("preprocessing")
-    cache_pre = cache.spec.preprocessing.model_dump(mode="json")
-    if trained_pre and trained_pre != cache_pre:
-        diffs = [f"{k} {trained_pre.get(k)} -> {v}" for k, v in cache_pre.items() if trained_pre.get(k) != v]
-        notes.append("same feature space, other preprocessing than the training cache (allowed): " + ", ".join(diffs))
     return notes
 
 
-def _checkpoint_descriptors(ckpt: Checkpoint, cache: FeatureCache, pairs: list[PairRecord],
+def _checkpoint_descriptors(ckpt: Checkpoint, caches: dict[str, FeatureCache], pairs: list[PairRecord],
                             request: EvalRequest, log) -> tuple[Callable, dict, list[str]]:
-    """Compute (once, stored in the cache) the descriptor map of every image the pairs use."""
+    """Compute (once, stored in the cache) the descriptor map of every image the pairs use (a
+    fused checkpoint's in the first source it reads)."""
+    cache = next(iter(caches.values()))
     index = cache.index_of()
     net = ckpt.network
     size = net.output_size
@@ -254,9 +373,14 @@ def _checkpoint_descriptors(ckpt: Checkpoint, cache: FeatureCache, pairs: list[P
     needed = sorted({index[i] for p in pairs for i in (p.src, p.trg)})
     done = store.done_mask()
     todo = [i for i in needed if not done[i]]
-    selection, selection_notes = checkpoint_selection(ckpt.features, cache)
-    notes += selection_notes
-    reader = FeatureReader(cache, selection, check_finite=True)  # a NaN map would score silently
+    if ckpt.fused:
+        selections = {name: checkpoint_selection(features, caches[name])[0]
+                      for name, features in ckpt.source_features.items()}
+        reader = SourcesReader(caches, SourcesSelection(selections), check_finite=True)
+    else:
+        selection, selection_notes = checkpoint_selection(ckpt.features, cache)
+        notes += selection_notes
+        reader = FeatureReader(cache, selection, check_finite=True)  # a NaN map would score silently
     device = next(net.parameters()).device
     log(f"descriptors: {len(needed)} images, {len(needed) - len(todo)} stored, {len(todo)} to compute")
     bar = progress_bar(len(todo), "descriptors", unit="img", enabled=request.progress)

@@ -173,16 +173,34 @@ def start_run(request: TrainRequest, folder: RunFolder, config: dict, network, o
 
 
 def resume_differences(old: dict, new: dict) -> list[str]:
-    problems = []
-    if old.get("features", {}).get("feature_space") != new["features"]["feature_space"]:
-        problems.append("feature space: the run was trained on another cache's features")
-        problems += spec_differences(old["features"].get("feature_space_spec") or {}, new["features"]["feature_space_spec"])
-    for key in ("layers", "timesteps"):
-        if old.get("features", {}).get(key) != new["features"][key]:
-            problems.append(f"{key}: run has {old.get('features', {}).get(key)}, now {new['features'][key]}")
+    """Why the run's config.json `old` and the one a resume would write `new` disagree (each
+    source's binding in turn when the network fuses several)."""
+    old_sources, new_sources = (old.get("features") or {}).get("sources"), new["features"].get("sources")
+    if old_sources is not None or new_sources is not None:
+        if not isinstance(old_sources, dict) or new_sources is None or sorted(old_sources) != sorted(new_sources):
+            return [f"sources: run has {sorted(old_sources) if isinstance(old_sources, dict) else 'one source'}, "
+                    f"now {sorted(new_sources) if new_sources else 'one source'}"]
+        problems = []
+        for name in new_sources:
+            problems += [f"{name}: {p}" for p in _binding_differences(old_sources[name], new_sources[name])]
+        if old.get("network") != new["network"]:
+            problems += [f"network {line}" for line in spec_differences(old.get("network", {}), new["network"])]
+        return [p.replace("cache has", "run has").replace("requested", "now") for p in problems]
+    problems = _binding_differences(old.get("features", {}), new["features"])
     if old.get("network") != new["network"]:
         problems += [f"network {line}" for line in spec_differences(old.get("network", {}), new["network"])]
     return [p.replace("cache has", "run has").replace("requested", "now") for p in problems]
+
+
+def _binding_differences(old: dict, new: dict) -> list[str]:
+    problems = []
+    if old.get("feature_space") != new["feature_space"]:
+        problems.append("feature space: the run was trained on another cache's features")
+        problems += spec_differences(old.get("feature_space_spec") or {}, new["feature_space_spec"])
+    for key in ("layers", "timesteps"):
+        if old.get(key) != new[key]:
+            problems.append(f"{key}: run has {old.get(key)}, now {new[key]}")
+    return problems
 
 
 def truncate_metrics(path: Path, step: int, log) -> None:

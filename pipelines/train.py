@@ -30,13 +30,14 @@ import torch
 
 from dhf_cache.aggregator import AggregationNetwork
 from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import (make_config, save_checkpoint)
+from dhf_cache.checkpoint import checkpoint_source, make_config, save_checkpoint
 from dhf_cache.config import TrainOptions
 from dhf_cache.datasets import PairRecord, open_dataset
 from dhf_cache.descriptors import LRUDescriptors, network_descriptors
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import TrainingError, UsageError
-from dhf_cache.feature_loader import FeatureReader, FeatureSelection, Prefetcher, select_features
+from dhf_cache.feature_loader import (FeatureReader, FeatureSelection, Prefetcher, SourcesReader, select_across_sources,
+                                     select_features)
 from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
 from dhf_cache.progress import progress_bar
 from dhf_cache.pipelines.run_folder import open_run, start_run
@@ -54,6 +55,7 @@ class TrainRequest:
     device: str = "auto"
     resume: bool = False
     storage_options: dict = field(default_factory=dict)
+    source: str | None = None  # the cache's feature source (None: its only one)
     progress: bool = True
     # TrainOptions fields the user set (None: all of them). With --resume the others come from
     # the run's config.json, and a given one that must match the run and does not is refused.
@@ -153,6 +155,7 @@ def pick_val_pairs(pairs: list[PairRecord], per_category: int, seed: int) -> lis
 def features_binding(cache: FeatureCache, selection: FeatureSelection) -> dict:
     """What a checkpoint records about the features it reads (checked on resume and in eval)."""
     return {
+        "source": cache.name,  # which of the cache's sources (format 2); eval opens the same one
         "layers": [layer.as_dict() for layer in selection.layers],
         "timesteps": list(selection.timesteps),
         "cache_timesteps": list(cache.timesteps),  # the whole time axis, aligned with save_steps
@@ -163,6 +166,47 @@ def features_binding(cache: FeatureCache, selection: FeatureSelection) -> dict:
         "cache_url": cache.url,
         "model_source": recorded_model_source(cache.meta.get("provenance", {}).get("model_source")),
     }
+
+
+@dataclass
+class TrainingMaps:
+    """The cached maps a run reads: of one source (the network of METHOD.md over its layers x
+    timesteps) or of several (a bottleneck per (source, layer), one softmax over every map)."""
+
+    primary: FeatureCache  # images are addressed by their index here
+    reader: FeatureReader | SourcesReader
+    done: np.ndarray  # per primary index: done in every source read
+    binding: dict  # config.json's "features"
+    shape: str  # for the log line
+    sources: list | None = None  # SourceMaps of a fused network; None: one source
+    selection: FeatureSelection | None = None  # one source's selection
+
+    def network(self, opts: TrainOptions) -> AggregationNetwork:
+        if self.sources is not None:
+            return AggregationNetwork.over_sources(self.sources, opts.projection_dim, opts.output_size, opts.norm_groups)
+        return AggregationNetwork(self.selection.layers, len(self.selection.positions), opts.projection_dim,
+                                  opts.output_size, opts.norm_groups)
+
+
+def open_maps(request: TrainRequest, opts: TrainOptions) -> TrainingMaps:
+    """The cache's sources a run reads: --source (one, or a comma-separated list to fuse), else
+    the resumed run's, else the cache's only source."""
+    named = request.source or (checkpoint_source(request.out) if request.resume else None)
+    names = [part.strip() for part in named.split(",") if part.strip()] if named else []
+    if len(names) <= 1:
+        cache = FeatureCache.open(request.cache_url, request.storage_options, source=names[0] if names else None)
+        selection = select_features(cache, opts.layers, opts.timesteps)
+        return TrainingMaps(cache, FeatureReader(cache, selection), cache.done_mask(), features_binding(cache, selection),
+                            f"source {cache.name}: {len(selection.layers)} layers x {len(selection.positions)} timesteps",
+                            selection=selection)
+    caches = FeatureCache.open_all(request.cache_url, request.storage_options)
+    chosen = select_across_sources(caches, names, opts.layers, opts.timesteps)
+    reader = SourcesReader(caches, chosen)
+    shape = " + ".join(f"{name}: {len(sel.layers)} layers x {len(sel.positions)} timesteps"
+                       for name, sel in chosen.selections.items())
+    binding = {"sources": {name: features_binding(caches[name], sel) for name, sel in chosen.selections.items()}}
+    return TrainingMaps(reader.primary, reader, reader.done_mask(), binding, f"{shape} ({chosen.n_maps} maps fused)",
+                        sources=chosen.source_maps())
 
 
 def recorded_model_source(source: str | None) -> str | None:
@@ -190,10 +234,10 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
             seconds=time.perf_counter() - started, loop_seconds=0.0, loader_wait_seconds=0.0,
             peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=0,
         )
-    cache = FeatureCache.open(request.cache_url, request.storage_options)
+    maps = open_maps(request, opts)
+    cache, reader = maps.primary, maps.reader
     dataset = open_dataset(request.dataset)
-    selection = select_features(cache, opts.layers, opts.timesteps)
-    index, done = cache.index_of(), cache.done_mask()
+    index, done = cache.index_of(), maps.done
     build_hint = f"dhf-cache build --dataset {request.dataset} --split {opts.split} --cache {request.cache_url}"
     train_pairs, skipped = usable_pairs(dataset.pairs(opts.split), index, done, opts.skip_missing, "training", build_hint)
     if not train_pairs:
@@ -212,14 +256,12 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
 
     device = resolve_device(request.device)
     torch.manual_seed(opts.seed)
-    network = AggregationNetwork(selection.layers, len(selection.positions), opts.projection_dim,
-                                 opts.output_size, opts.norm_groups).to(device)
+    network = maps.network(opts).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    config = make_config(network, features_binding(cache, selection),
+    config = make_config(network, maps.binding,
                          {"options": opts.model_dump(mode="json"), "dataset": request.dataset}, source="trained")
     start_step, best, pending_validation = start_run(request, folder, config, network, optimizer, log)
 
-    reader = FeatureReader(cache, selection)
     schedule = PairSchedule(len(train_pairs), opts.pairs_per_step, opts.seed)
     grid = opts.output_size
     examples = [
@@ -236,7 +278,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         f"training on {len(train_pairs)} pairs ({skipped['no_keypoints']} without keypoints, "
         f"{skipped['missing_images']} with missing images, {skipped['unreadable_images']} with unreadable images "
         f"skipped; {skipped['nonfinite_keypoints']} non-finite keypoints dropped), {len(val_pairs)} validation pairs; "
-        f"{len(selection.layers)} layers x {len(selection.positions)} timesteps, "
+        f"{maps.shape}, "
         f"{sum(p.numel() for p in network.parameters()):,} parameters, on {device}"
     )
     prefetcher = Prefetcher(load, range(start_step + 1, opts.steps + 1), request.prefetch, request.loader_workers)
@@ -403,7 +445,7 @@ class StepInputs:
 
 def _train_step(network, optimizer, batch: list[_Example], feats, device, staging: StepInputs | None = None) -> float:
     """One optimizer step on `batch` (`staging`: buffers reused across steps; None stacks afresh)."""
-    inputs = (staging or StepInputs(device))(network.layer_names, feats)
+    inputs = (staging or StepInputs(device))(network.map_keys, feats)
     desc = network(inputs)  # (2 * pairs, P, S, S): src, trg, src, trg, ...
     loss = sum(
         symmetric_ce_loss(desc[2 * i], desc[2 * i + 1], e.src_kps, e.trg_kps) for i, e in enumerate(batch)

@@ -126,12 +126,21 @@ def done_flags(done_dir: Path) -> list[Path]:
     return [p for p in done_dir.iterdir() if not p.name.endswith(".partial")] if done_dir.is_dir() else []
 
 
-def wait_for_first_done(cache_dir: Path, timeout: float = 300) -> Path:
-    """Block until a build has set its first done flag (chunk files under done/c); returns that folder."""
-    done = Path(cache_dir) / "done" / "c"
+def source_dir(cache: Path | str, name: str = "sd") -> Path:
+    """The folder of a local cache's source `name`: sources/<name> in format 2, the cache's root
+    in format 1 (its one source's arrays and attributes lie at the root)."""
+    folder = Path(cache) / "sources" / name
+    return folder if folder.is_dir() else Path(cache)
+
+
+def wait_for_first_done(cache_dir: Path, timeout: float = 300, source: str = "sd") -> Path:
+    """Block until a build has set its first done flag (chunk files under the source's done/c);
+    returns that folder."""
     deadline = time.time() + timeout
+    done = source_dir(cache_dir, source) / "done" / "c"
     while time.time() < deadline and not done_flags(done):
         time.sleep(0.02)
+        done = source_dir(cache_dir, source) / "done" / "c"  # sources/<name> appears once the build creates it
     return done
 
 

@@ -14,7 +14,7 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import cli, done_flags, small_build_args, start_cli, wait_for_first_done
+from conftest import cli, done_flags, small_build_args, source_dir, start_cli, wait_for_first_done
 from dhf_cache.cache import FeatureCache
 from dhf_cache.cli.app import app
 from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
@@ -87,7 +87,7 @@ def test_bad_images_are_recorded_and_the_build_goes_on(tmp_path, messy_folder, t
     assert sizes["good.jpg"] == [48, 40]
 
     # a rerun retries only the failures and leaves finished images untouched
-    chunk = cache / "features" / "up_blocks.3.resnets.2" / "c" / str(c.index_of()["good.jpg"])
+    chunk = source_dir(cache) / "features" / "up_blocks.3.resnets.2" / "c" / str(c.index_of()["good.jpg"])
     before = {p: p.stat().st_mtime_ns for p in chunk.rglob("*") if p.is_file()}
     (messy_folder / "empty.png").write_bytes((messy_folder / "good.jpg").read_bytes())  # the user fixes one
     try:
@@ -180,7 +180,7 @@ def test_info_describes_the_cache_truthfully(tmp_path, mini_spair, tiny_model_di
     assert data["layers"][0] == {"name": "down_blocks.0.resnets.0", "channels": 32, "height": 8, "width": 8}
     on_disk = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     assert data["bytes"] == on_disk
-    group = zarr.open_group(str(cache), mode="r")
+    group = zarr.open_group(str(source_dir(cache)), mode="r")
     for layer in data["layers"]:
         arr = group["features"][layer["name"]]
         assert arr.shape == (4, 3, layer["channels"], layer["height"], layer["width"])
@@ -276,7 +276,7 @@ def test_hub_id_without_network_fails_at_once_and_quietly(tmp_path, mini_spair):
 
 
 def _arrays(cache: Path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(cache), mode="r")
+    group = zarr.open_group(str(source_dir(cache)), mode="r")
     out = {}
     for path, arr in group.arrays():
         out[path] = arr[:]
@@ -364,12 +364,13 @@ def test_verify_finds_a_flipped_byte_and_repair_plus_rebuild_restores_it(tmp_pat
     assert good.exit_code == 0 and json.loads(good.stdout)["ok"] and json.loads(good.stdout)["n_chunks"] == 4 * 14
     c = FeatureCache.open(str(cache))
     before = c.read_features(2)["up_blocks.2.resnets.1"].copy()
-    chunk = cache / "features" / "up_blocks.2.resnets.1" / "c" / "2" / "0" / "0" / "0" / "0"
+    src = source_dir(cache)
+    chunk = src / "features" / "up_blocks.2.resnets.1" / "c" / "2" / "0" / "0" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit
     chunk.write_bytes(bytes(data))
-    (cache / "latents" / "c" / "3" / "0" / "0" / "0").unlink()  # and a lost chunk
-    stray = cache / "done" / "c" / "1.0123abcd.partial"  # what a writer killed mid-write leaves
+    (src / "latents" / "c" / "3" / "0" / "0" / "0").unlink()  # and a lost chunk
+    stray = src / "done" / "c" / "1.0123abcd.partial"  # what a writer killed mid-write leaves
     stray.write_bytes(b"\x01")
     bad = invoke("verify", str(cache))
     assert bad.exit_code == 1

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from zarr.storage import LocalStore
 
 import dhf_cache.cache as cache_mod
-from conftest import SMALL_NET
+from conftest import SMALL_NET, source_dir
 from dhf_cache.cache import FeatureCache
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
@@ -45,8 +45,9 @@ def _snapshot(url: Path) -> dict:
     meta["provenance"].pop("created_at")
     arrays = {path: (cache.group[path].shape, cache.group[path].dtype.str)
               for path in ["latents", "done", "sizes", "errors", "image_ids", "features/a", "features/b"]}
+    root = zarr.open_group(str(url), mode="r").attrs.asdict()["dhf_cache"]
     return {"meta": meta, "ids": cache.image_ids, "done": cache.done_mask().tolist(), "arrays": arrays,
-            "attrs": sorted(cache.group.attrs.asdict())}
+            "attrs": sorted(cache.group.attrs.asdict()), "root": (root["format_version"], sorted(root))}
 
 
 def _killed_at_write(url: Path, k: int, ids: list[str]) -> bool:
@@ -162,7 +163,7 @@ def test_a_damaged_chunk_is_refused_by_both_read_paths(damaged, monkeypatch, kin
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "zarr"])
 def test_non_finite_maps_are_refused_when_asked(damaged, monkeypatch, direct):
     url, layer, index, image_id = damaged
-    array = zarr.open_array(url / "features" / layer, mode="r+")
+    array = zarr.open_array(source_dir(url) / "features" / layer, mode="r+")
     values = array[index]
     values[0, 0, 0, 0] = np.nan
     array[index] = values
@@ -187,14 +188,14 @@ def test_train_refuses_a_missing_chunk_in_one_line(tmp_path, damaged, train_data
 
 # ----------------------------------------------------------------------- crafted metadata
 def _edit_meta(url: Path, edit) -> None:
-    path = url / "zarr.json"
+    path = source_dir(url) / "zarr.json"  # the source's attributes hold its spec
     doc = json.loads(path.read_text())
     edit(doc["attributes"]["dhf_cache"])
     path.write_text(json.dumps(doc))
 
 
 def _edit_array(url: Path, path: str, edit) -> None:
-    meta = url / path / "zarr.json"
+    meta = source_dir(url) / path / "zarr.json"
     doc = json.loads(meta.read_text())
     edit(doc)
     meta.write_text(json.dumps(doc))
@@ -216,7 +217,7 @@ CRAFTED = {
                                                                lambda d: d["shape"].__setitem__(2, 7)), "shape"),
     "a done array of 10^9 entries": (lambda u: _edit_array(u, "done", lambda d: d["shape"].__setitem__(0, 10**9)),
                                      "1,000,000,000 images"),
-    "image ids array missing": (lambda u: shutil.rmtree(u / "image_ids"), "image_ids is missing"),
+    "image ids array missing": (lambda u: shutil.rmtree(source_dir(u) / "image_ids"), "image_ids is missing"),
 }
 
 
@@ -255,14 +256,14 @@ def _verify(url, *extra):
 
 
 def _damage_array_chunk(url: Path, path: str, chunk: str) -> None:
-    file = url / path / "c" / chunk
+    file = source_dir(url) / path / "c" / chunk
     file.write_bytes(b"\x13\x37" + file.read_bytes()[2:])
 
 
 def test_verify_lists_and_repairs_duplicate_ids(tmp_path, train_cache):
     url = tmp_path / "dup.zarr"
     shutil.copytree(train_cache, url)
-    ids = zarr.open_array(url / "image_ids", mode="r+")
+    ids = zarr.open_array(source_dir(url) / "image_ids", mode="r+")
     values = ids[:]
     values[3] = values[1]
     ids[:] = values
@@ -312,7 +313,7 @@ def test_eval_refuses_a_missing_stored_descriptor_and_names_the_remedy(tmp_path,
     assert trained.exit_code == 0, trained.output
     args = ["eval", "--cache", str(url), "--checkpoint", str(run), "--load-size", "64", *common]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
-    chunks = sorted(p for p in (url / "descriptors").rglob("maps/c/*/0/0/0") if p.is_file())
+    chunks = sorted(p for p in (source_dir(url) / "descriptors").rglob("maps/c/*/0/0/0") if p.is_file())
     chunks[0].unlink()  # its done flag stays set
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
     assert result.exit_code == 1, result.output
@@ -328,7 +329,7 @@ def test_eval_refuses_a_damaged_or_nan_chunk_in_one_line(tmp_path, damaged, trai
     image_id = open_dataset(f"spair:{train_data}").pairs("test")[0].src  # an image eval scores
     index = FeatureCache.open(str(url)).index_of()[image_id]
     if kind == "nan":
-        array = zarr.open_array(url / "features" / layer, mode="r+")
+        array = zarr.open_array(source_dir(url) / "features" / layer, mode="r+")
         values = array[index]
         values[:] = np.nan
         array[index] = values
@@ -350,7 +351,7 @@ import os, sys
 from zarr.storage import LocalStore
 original = LocalStore.set
 async def dying(self, key, value, *a, **kw):
-    if key.startswith("done/c/"):
+    if key.startswith(("done/c/", "sources/sd/done/c/")):  # format 1 or 2
         os._exit(86)
     return await original(self, key, value, *a, **kw)
 LocalStore.set = dying
@@ -373,7 +374,7 @@ def test_a_build_killed_between_chunks_and_done_is_completed_exactly_by_the_reru
     assert proc.returncode == 86, proc.stderr[-2000:]
     cache = FeatureCache.open(str(killed))
     assert not cache.done_mask().any()
-    assert any((killed / "features" / layer.name / "c" / "0").exists() for layer in cache.layers)  # chunks were written
+    assert any((source_dir(killed) / "features" / layer.name / "c" / "0").exists() for layer in cache.layers)  # chunks were written
     assert cli(*args).returncode == 0
     assert cli(*small_build_args(f"spair:{mini_spair}", clean, tiny_model_dir, "--split", "trn",
                                  "--batch-size", "2")).returncode == 0

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import ROOT, cli, small_build_args, wait_for_first_done
+from conftest import ROOT, cli, small_build_args, source_dir, wait_for_first_done
 from dhf_cache.cache import FeatureCache
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(str(source_dir(path)), mode="r")
     out = {name: arr[:] for name, arr in group.arrays()}
     out.update({f"features/{name}": arr[:] for name, arr in group["features"].arrays()})
     return out

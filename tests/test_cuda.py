@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import cli, small_build_args
+from conftest import cli, small_build_args, source_dir
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -26,7 +26,7 @@ def test_a_cuda_build_stores_the_cpu_builds_features(tmp_path, mini_spair, tiny_
         args[args.index("--device") + 1] = device
         result = cli(*args, env={"NVIDIA_TF32_OVERRIDE": "0"})  # full fp32 on the GPU too
         assert result.returncode == 0, result.stderr[-2000:]
-    cpu, gpu = (zarr.open_group(str(caches[d]), mode="r") for d in ("cpu", "cuda"))
+    cpu, gpu = (zarr.open_group(str(source_dir(caches[d])), mode="r") for d in ("cpu", "cuda"))
     np.testing.assert_allclose(gpu["latents"][:], cpu["latents"][:], rtol=1e-3, atol=1e-3)
     for name, arr in cpu["features"].arrays():
         a, b = arr[:].astype(np.float32), gpu["features"][name][:].astype(np.float32)

@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 import dhf_cache.cache as cache_mod
+from conftest import source_dir
 from dhf_cache.cache import FeatureCache
 from dhf_cache.direct_chunks import ChunkProblem, direct_array, read_chunk, write_chunk
 from dhf_cache.feature_loader import FeatureReader, select_features
@@ -134,7 +135,8 @@ def test_write_image_takes_the_direct_path_and_stores_what_zarr_would(tmp_path, 
         cache.write_image(3, image, (64, 64))
         assert len(used) == (len(cache.layers) if direct else 0)
         assert FeatureCache.open(str(url)).done_mask()[3]
-        files[direct] = {p.relative_to(url): p.read_bytes() for p in Path(url, "features").rglob("*") if p.is_file()}
+        files[direct] = {p.relative_to(url): p.read_bytes() for p in (source_dir(url) / "features").rglob("*") if p.is_file()}
+        assert files[direct], "no feature chunk found"
     assert files[True] == files[False]
 
 

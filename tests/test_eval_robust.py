@@ -18,7 +18,7 @@ import pytest
 import zarr
 import zarr.codecs as zc
 
-from conftest import SMALL_NET, eval_args, invoke, start_cli
+from conftest import SMALL_NET, eval_args, invoke, source_dir, start_cli
 from dhf_cache.cache import FeatureCache
 from dhf_cache.descriptor_store import list_descriptor_sets
 from dhf_cache.errors import UsageError
@@ -65,7 +65,7 @@ def test_a_descriptor_set_cut_short_between_its_arrays_is_recreated(tmp_path, ca
     key = reference["fingerprints"]["checkpoint"][:32]
     # Exactly what an eval killed between creating `maps` and `done` leaves: the set's group and
     # its `maps` array (created as eval creates it), no `done`, no attributes.
-    group = zarr.open_group(cache, mode="r+").require_group("descriptors").require_group(key)
+    group = zarr.open_group(source_dir(cache), mode="r+").require_group("descriptors").require_group(key)
     group.create_array("maps", shape=(16, 32, 16, 16), chunks=(1, 32, 16, 16), dtype="float16",
                        compressors=[zc.ZstdCodec(level=3), zc.Crc32cCodec()], fill_value=0,
                        config={"write_empty_chunks": True})
@@ -83,7 +83,7 @@ def test_a_descriptor_set_cut_short_between_its_arrays_is_recreated(tmp_path, ca
 
 def test_eval_killed_while_creating_its_descriptor_set_reruns_to_the_same_result(
         tmp_path, cache, run, train_data, reference):
-    maps_meta = cache / "descriptors" / reference["fingerprints"]["checkpoint"][:32] / "maps" / "zarr.json"
+    maps_meta = source_dir(cache) / "descriptors" / reference["fingerprints"]["checkpoint"][:32] / "maps" / "zarr.json"
     proc = start_cli(*eval_args(cache, train_data, tmp_path / "killed", "--checkpoint", run))
     try:
         deadline = time.monotonic() + 300
@@ -112,7 +112,7 @@ def test_descriptor_sets_are_listed_and_pruned(tmp_path, cache, run, train_data,
     assert invoke(*eval_args(cache, train_data, tmp_path / "a", "--checkpoint", run)).exit_code == 0
     fingerprint = reference["fingerprints"]["checkpoint"]
     [item] = list_descriptor_sets(FeatureCache.open(str(cache)))
-    folder = cache / "descriptors" / fingerprint[:32]
+    folder = source_dir(cache) / "descriptors" / fingerprint[:32]
     on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert (item.key, item.checkpoint_fingerprint) == (fingerprint[:32], fingerprint)
     assert (item.images_done, item.n_images, item.complete, item.bytes) == (4, 16, True, on_disk)
@@ -184,13 +184,13 @@ def test_best_cell_breaks_ties_by_the_first_cell_in_table_order():
 
 
 def test_raw_best_names_one_map_everywhere_when_two_tie(tmp_path, cache, train_data):
-    group = zarr.open_group(cache, mode="r+")
+    group = zarr.open_group(source_dir(cache), mode="r+")
     good = np.asarray(group["features/up_blocks.3.resnets.1"][:, 0])  # its t = -1 maps, (N, 32, 8, 8)
     for name in group["features"].array_keys():  # every other map zero: no keypoint matches
         # write_empty_chunks as dhf-cache writes (it is a runtime setting, not in the metadata):
         # otherwise zarr deletes the all-zero chunks, and a missing chunk is refused as damage
         with zarr.config.set({"array.write_empty_chunks": True}):
-            array = zarr.open_array(Path(cache) / "features" / name, mode="r+")
+            array = zarr.open_array(source_dir(cache) / "features" / name, mode="r+")
             array[:] = np.zeros(array.shape, dtype=array.dtype)
     # the same maps at (t = 300, up_blocks.3.resnets.0), met first by a layer-by-layer sweep, and at
     # (t = -1, up_blocks.3.resnets.1), the first of the two in the table's order
@@ -278,7 +278,7 @@ def generated(tmp_path_factory, tiny_model_dir) -> Path:
                                     "photo.jpg", ".png", "x" * 300 + ".png"])
 def test_export_refuses_ids_that_are_not_safe_png_names(tmp_path, generated, bad_id):
     cache = Path(shutil.copytree(generated, tmp_path / "gen.zarr"))
-    ids = zarr.open_group(cache, mode="r+")["image_ids"]
+    ids = zarr.open_group(source_dir(cache), mode="r+")["image_ids"]
     ids[1] = bad_id
     out = tmp_path / "deep" / "out"
     result = invoke("export-images", cache, out, "--no-progress")
@@ -291,7 +291,7 @@ def test_export_refuses_ids_that_are_not_safe_png_names(tmp_path, generated, bad
 
 def test_export_writes_a_safe_nested_id_where_it_says(tmp_path, generated):
     cache = Path(shutil.copytree(generated, tmp_path / "gen.zarr"))
-    zarr.open_group(cache, mode="r+")["image_ids"][0] = "sub-dir/00000-00.png"
+    zarr.open_group(source_dir(cache), mode="r+")["image_ids"][0] = "sub-dir/00000-00.png"
     result = invoke("export-images", cache, tmp_path / "out", "--no-progress")
     assert result.exit_code == 0, result.output
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png")) == [

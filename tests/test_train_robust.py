@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import SMALL_NET, cli, start_cli
+from conftest import SMALL_NET, cli, source_dir, start_cli
 from dhf_cache.aggregator import AggregationNetwork
 from dhf_cache.api import Hyperfeatures
 from dhf_cache.checkpoint import (find_checkpoint, load_checkpoint, make_config, promote_checkpoint, read_json,
@@ -451,9 +451,10 @@ def test_eval_refuses_a_malformed_run_folder_in_one_line(run_copy, train_cache, 
 def test_new_checkpoints_record_a_local_backbone_folder_as_an_absolute_path(copy_dir, tmp_path, train_cache, train_data,
                                                                             tiny_model_dir, monkeypatch):
     cache = copy_dir(Path(train_cache), "relative.zarr")
-    meta = json.loads((cache / "zarr.json").read_text())
+    source_meta = source_dir(cache) / "zarr.json"  # the source's attributes hold its provenance
+    meta = json.loads(source_meta.read_text())
     meta["attributes"]["dhf_cache"]["provenance"]["model_source"] = "models/tiny"  # as a build given a relative path
-    (cache / "zarr.json").write_text(json.dumps(meta))
+    source_meta.write_text(json.dumps(meta))
     work = tmp_path / "work"
     (work / "models").mkdir(parents=True)
     (work / "models" / "tiny").symlink_to(tiny_model_dir)
@@ -496,7 +497,7 @@ def test_non_finite_cached_features_are_named_as_a_damaged_cache(copy_dir, tmp_p
 
     cache = copy_dir(Path(train_cache), "nan.zarr")
     layer = "up_blocks.1.resnets.0"
-    array = zarr.open_array(str(cache / "features" / layer), mode="r+")
+    array = zarr.open_array(str(source_dir(cache) / "features" / layer), mode="r+")
     array[:] = np.full(array.shape, np.nan, dtype=np.float16)
     result = invoke(*train_args(str(cache), train_data, tmp_path / "run", "--steps", "2", "--val-split", ""))
     line = refused(result, f"(layer {layer})", "are not finite", "is damaged", f"dhf-cache verify {cache} --repair",

@@ -1,0 +1,1 @@
+"""Feature sources: the models whose maps a cache stores (one module per family)."""

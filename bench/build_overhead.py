@@ -399,7 +399,7 @@ class Bench:
         patches.set(ext, "extract", timers.wrap("extract (all)", ext.extract, sync))
         patches.set(ext, "encode_latents", timers.wrap("vae", ext.encode_latents, sync))
         patches.set(ext, "invert", timers.wrap("invert (all)", ext.invert, sync))
-        patches.set(ext, "_unet_eps", timers.wrap("unet", ext._unet_eps, sync))
+        patches.set(ext, "unet_noise", timers.wrap("unet", ext.unet_noise, sync))
         patches.set(extract_mod, "ddim_inversion_step", timers.wrap("ddim step", extract_mod.ddim_inversion_step))
         patches.set(extract_mod, "nonfinite_reasons", timers.wrap("non-finite check", extract_mod.nonfinite_reasons))
         original_hook_for = FeatureCapture._hook_for

@@ -50,6 +50,8 @@ BENCHMARKS = {
                       ["train_speed.py", "--whole-process"],
                       ["train_speed.py", "--whole-process", "--process-steps", "10", "--repeats", "1"],
                       "dhf-cache train step / plain loop step <= 1.10, quiet and loaded"),
+    "sources": ("Feature sources: build vs bare per source (SD, SDXL, DINOv2), bytes per image, fused training step",
+                ["sources.py"], ["sources.py", "--quick"], "build / bare <= 1.10 per source; fused step vs SD alone"),
     "eval": ("5. Eval cost vs pairs and images", ["eval_scaling.py"], ["eval_scaling.py", "--quick"],
              "SPair test (12,234 pairs) < 60 s; flat in pairs"),
     "cluster": ("Cluster build throughput; loader reads from S3, local disk and plain file reads",

@@ -148,3 +148,19 @@ def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
+
+
+BUILD_LIBRARIES = ("diffusers", "transformers")
+
+
+def require_build_extra(command: str) -> None:
+    """Stage one's model libraries come with `pip install 'dhf-cache[build]'`; a command that
+    needs them says so in one line instead of an ImportError from deep inside."""
+    import importlib.util
+
+    from dhf_cache.errors import UsageError
+
+    missing = [name for name in BUILD_LIBRARIES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"`dhf-cache {command}` runs models and needs {' and '.join(missing)}: "
+                         "pip install 'dhf-cache[build]' (training and eval from a cache do not)")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors
+from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors, require_build_extra
 from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, SD15_MODEL_ID, BuildOptions, CodecSpec, GenerationSpec,
                               Preprocessing, StorageSpec)
 from dhf_cache.disk_space import human_bytes
@@ -30,6 +30,12 @@ of each map's range), or lossy bit rounding to 7 mantissa bits (relative error <
 
     dhf-cache build --dataset spair:/data/SPair-71k --cache spair-q8.zarr --codec quant8
     dhf-cache build --dataset spair:/data/SPair-71k --cache spair-br7.zarr --codec bitround --keepbits 7
+
+Feature sources (--family, detected from the model's files; --source names it in the cache):
+
+    sd      SD 1.x / 2.x UNets (epsilon or v-prediction): resnets x saved inversion steps
+    sdxl    SDXL base UNets: the same, with SDXL's text encoders, pooled embeds and time ids
+    dinov2  facebook/dinov2-* (with or without registers): patch tokens of chosen blocks, T = 1
 
 A second feature source over the same images, beside the SD maps (train fuses them):
 
@@ -99,8 +105,8 @@ def build(
     images_per_prompt: Annotated[int, typer.Option(min=1, help="Generation mode: images per prompt (seeds derive from prompt, variant and --seed).")] = 1,
     guidance: Annotated[float, typer.Option(min=1.0, help="Generation mode: classifier-free guidance scale.")] = _GEN.guidance,
     negative_prompt: Annotated[str, typer.Option(help="Generation mode: the negative prompt (the unconditional branch).")] = _GEN.negative_prompt,
-    model: Annotated[str, typer.Option(help="Hub id (looked up in the local HF cache first) or a local model folder: an SD 1.x/2.x pipeline, or DINOv2.")] = SD15_MODEL_ID,
-    family: Annotated[str, typer.Option(help="The model's family: auto (from its files or name), sd, dinov2.")] = "auto",
+    model: Annotated[str, typer.Option(help="Hub id (looked up in the local HF cache first) or a local model folder: an SD 1.x/2.x or SDXL pipeline, or DINOv2.")] = SD15_MODEL_ID,
+    family: Annotated[str, typer.Option(help="The model's family: auto (from its files or name), sd, sdxl, dinov2.")] = "auto",
     source: Annotated[Optional[str], typer.Option(help="Name of this feature source in the cache (default: the family); a cache holds several, e.g. sd and dinov2 maps of the same images.")] = None,
     split: Annotated[Optional[str], typer.Option(help="SPair split whose pairs' images to build (trn, val, test); all when omitted.")] = None,
     load_size: Annotated[int, typer.Option(help="Images are first resized to LOAD_SIZE x LOAD_SIZE (PIL bilinear): the paper's 64/224/512.")] = _PRE.load_size,
@@ -128,6 +134,7 @@ def build(
     """Invert every image once (or generate images from prompts) and store all its layer x
     timestep feature maps in a Zarr cache."""
     before_compute()
+    require_build_extra("build")
     from dhf_cache.config import GenerationSpec
     from dhf_cache.datasets import open_dataset
     from dhf_cache.pipelines.build import BuildRequest, run_build
@@ -276,7 +283,8 @@ def _echo_source(data: dict) -> None:
              f"normalisation, stored {space['storage_dtype']}; no time axis (T = 1)")
         echo(f"preprocessing  load {pre['load_size']} -> input {pre['image_size']}, {pre['resampling']}, compute {spec['compute']['dtype']}")
     else:
-        echo(f"model          {model['unet_class']} unet {model['unet_sha256'][:16]}  (loaded from {data['provenance'].get('model_source', '?')})")
+        family = "SDXL " if space.get("kind") == "sdxl" else ""
+        echo(f"model          {family}{model['unet_class']} unet {model['unet_sha256'][:16]}  (loaded from {data['provenance'].get('model_source', '?')})")
         predicts = space["scheduler"].get("prediction_type") or "epsilon"
         echo(f"features       {space['source']} DDIM, {space['steps']} steps, UNet predicts {predicts}, prompt {space['prompt']!r}, "
              f"capture {space['capture']}, stored {space['storage_dtype']}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, before_compute, log, report_errors
+from dhf_cache.cli.app import app, before_compute, log, report_errors, require_build_extra
 
 DEMO_EPILOG = """
 **Examples**
@@ -34,6 +34,7 @@ def demo(
 ) -> None:
     """Build, train and evaluate on the embedded sample data; print trained vs best raw PCK."""
     before_compute()
+    require_build_extra("demo")
     from dhf_cache.pipelines.demo import REAL, TINY, comparison_lines, run_demo
 
     settings = (TINY if model is None else REAL).quicker(image_size, inversion_steps, train_steps)

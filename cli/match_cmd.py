@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors
+from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors, require_build_extra
 from dhf_cache.config import EVAL_LOAD_SIZE
 from dhf_cache.errors import UsageError
 
@@ -70,6 +70,7 @@ def match(
 ) -> None:
     """Match points of image A in image B with features extracted on the fly (no cache needed)."""
     before_compute()
+    require_build_extra("match")
     from dhf_cache.pipelines.match import MatchRequest, run_match
 
     if points is not None and grid is not None:

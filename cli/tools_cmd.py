@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhf_cache.cli.app import app, report_errors
+from dhf_cache.cli.app import app, report_errors, require_build_extra
 from dhf_cache.disk_space import human_bytes
 from dhf_cache.errors import UsageError
 
@@ -29,6 +29,7 @@ def tiny_model(
     family: Annotated[str, typer.Option(help="sd (an SD 1.5-shaped pipeline), dinov2, dinov2-registers or sdxl.")] = "sd",
 ) -> None:
     """Write an offline model with seeded random weights (loads with from_pretrained)."""
+    require_build_extra("tiny-model")
     if family == "sd":
         from dhf_cache.tiny_model import write_tiny_model
 

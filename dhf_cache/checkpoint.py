@@ -25,10 +25,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
@@ -171,6 +171,10 @@ class _FeaturesEntry(_Strict):
     model_source: str | None = None
 
 
+def _one_or_fused(value: Any) -> str:
+    return "fused" if isinstance(value, dict) and "sources" in value else "one"
+
+
 class _SourceMapsEntry(_Strict):
     name: str = Field(min_length=1)
     layers: list[_LayerEntry] = Field(min_length=1)
@@ -197,8 +201,12 @@ class _RunConfig(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
     format: Literal["dhf-cache-checkpoint"]
     format_version: int
-    network: _NetworkEntry | _FusedNetworkEntry
-    features: _FeaturesEntry | _FusedFeaturesEntry
+    # which model validates is decided by the "sources" key, so errors name the fields of the one
+    # that applies (not both alternatives of a union)
+    network: Annotated[Annotated[_NetworkEntry, Tag("one")] | Annotated[_FusedNetworkEntry, Tag("fused")],
+                       Discriminator(_one_or_fused)]
+    features: Annotated[Annotated[_FeaturesEntry, Tag("one")] | Annotated[_FusedFeaturesEntry, Tag("fused")],
+                        Discriminator(_one_or_fused)]
     training: dict | None = None
 
 
@@ -206,7 +214,8 @@ def one_line_errors(exc: ValidationError, limit: int = 3) -> str:
     """A pydantic ValidationError as `where: why (got VALUE)` for its first few errors, on one line."""
     parts = []
     for error in exc.errors()[:limit]:
-        where = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
+        # the discriminator's tags ("one"/"fused") are not fields of the file: left out of the path
+        where = ".".join(str(part) for part in error.get("loc", ()) if part not in ("one", "fused")) or "(top level)"
         got = repr(error.get("input"))
         got = got if len(got) <= 40 else got[:37] + "..."
         reason = str(error.get("msg", "")).removeprefix("Value error, ")

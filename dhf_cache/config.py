@@ -7,9 +7,9 @@ is how one run builds it (device, batch size, ...), which never changes the stor
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from dhf_cache.errors import UsageError
 
@@ -57,6 +57,7 @@ class ModelIdentity(Frozen):
     unet_sha256: str
     vae_sha256: str
     text_encoder_sha256: str
+    text_encoder_2_sha256: str | None = None  # SDXL's second text encoder (null, unfingerprinted, for SD)
 
 
 class GenerationSpec(Frozen):
@@ -67,8 +68,12 @@ class GenerationSpec(Frozen):
 
 
 class FeatureSpace(Frozen):
-    """Everything that decides what a stored feature means; a checkpoint binds to this."""
+    """Everything that decides what a stored feature means; a checkpoint binds to this.
 
+    `kind` is "sdxl" for an SDXL UNet (two text encoders, pooled embeddings and time ids as
+    conditioning); None for SD 1.x/2.x, left out of fingerprints like every null field."""
+
+    kind: Literal["sdxl"] | None = None
     model: ModelIdentity
     scheduler: SchedulerSpec = SchedulerSpec()
     source: Literal["inversion", "generation"] = "inversion"
@@ -190,12 +195,20 @@ def check_image_size(image_size: int, patch_size: int, error: type[Exception] = 
     return image_size
 
 
+def _feature_space_family(value) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return "dinov2" if kind == "dinov2" else "sd"
+
+
 class BuildSpec(Frozen):
     """The whole spec of a cache source; stored in its attributes and fingerprinted. The feature
     space says the source's family: SD 1.x/2.x (`FeatureSpace`, no `kind`, as in format 1) or
     DINOv2 (`kind: "dinov2"`)."""
 
-    feature_space: FeatureSpace | Dinov2FeatureSpace
+    # the family decides which model validates ("kind": "dinov2", else SD's FeatureSpace), so a
+    # bad spec's error names the fields of that family only
+    feature_space: Annotated[Annotated[FeatureSpace, Tag("sd")] | Annotated[Dinov2FeatureSpace, Tag("dinov2")],
+                             Discriminator(_feature_space_family)]
     preprocessing: Preprocessing = Preprocessing()
     compute: ComputeSpec = ComputeSpec()
     storage: StorageSpec = StorageSpec()

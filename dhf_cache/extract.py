@@ -120,7 +120,7 @@ class FeatureExtractor:
         ).to(self.device)
         return (mean + std * noise) * self.scaling_factor
 
-    def _unet_eps(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def unet_noise(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """The UNet's noise estimate at (x, t), whatever the model predicts (noise_estimate)."""
         emb = self.prompt_embedding.expand(x.shape[0], -1, -1)
         timestep = torch.tensor(t, device=self.device)
@@ -141,7 +141,7 @@ class FeatureExtractor:
             t, t_next = sched.call_timesteps[i], sched.next_timesteps[i]
             pos = self.save_positions.get(i)
             self.capture.enabled = pos is not None
-            eps = self._unet_eps(x, t)
+            eps = self.unet_noise(x, t)
             if pos is not None:
                 store_outputs(buffers, self.capture.take(), pos, n_saved)
             if i < last_call:
@@ -169,7 +169,7 @@ class FeatureExtractor:
         x = torch.zeros(1, channels, size, size, device=self.device)
         self.capture.enabled = True
         try:
-            self._unet_eps(x, self.schedule.call_timesteps[0])
+            self.unet_noise(x, self.schedule.call_timesteps[0])
             outputs = self.capture.take()
         finally:
             self.capture.enabled = False

@@ -83,12 +83,12 @@ def check_steps(request: BuildRequest) -> tuple[int, ...]:
 
 
 def make_spec(request: BuildRequest, extractor_layers: tuple[str, ...], identity, compute_dtype: str,
-              prediction_type: str = "epsilon") -> BuildSpec:
+              prediction_type: str = "epsilon", kind: str | None = None) -> BuildSpec:
     save_steps = check_steps(request)
     source = "generation" if request.prompts is not None else "inversion"
     scheduler = SchedulerSpec(prediction_type=None if prediction_type == "epsilon" else prediction_type)
     try:
-        space = FeatureSpace(model=identity, scheduler=scheduler, steps=request.steps, save_steps=save_steps,
+        space = FeatureSpace(kind=kind, model=identity, scheduler=scheduler, steps=request.steps, save_steps=save_steps,
                              layers=extractor_layers, source=source,
                              generation=request.generation if source == "generation" else None)
     except ValueError as exc:
@@ -149,6 +149,8 @@ def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str],
     log(f"loading {family} model {request.model} on {device} ({dtype_name})")
     if family == "dinov2":
         return _load_dinov2_extractor(request, device, dtype_name)
+    if family == "sdxl":
+        return _load_sdxl_extractor(request, device, dtype_name)
     backbone = load_backbone(request.model, DTYPES[dtype_name])
     identity = backbone.identity  # hashed on the CPU, rounded to fp16 (see ModelIdentity)
     backbone.to(device)
@@ -174,7 +176,40 @@ def _load_dinov2_extractor(request: BuildRequest, device: torch.device, dtype_na
     return Dinov2Extractor(backbone, space, request.preprocessing, device), spec
 
 
-FAMILIES = ("sd", "dinov2")
+def _load_sdxl_extractor(request: BuildRequest, device: torch.device, dtype_name: str):
+    from dhf_cache.sources.sdxl import load_sdxl, model_identity, sdxl_extractor_class
+
+    if request.prompts is not None:
+        raise UsageError("--generate supports SD 1.x/2.x models; SDXL features are built from images (--dataset)")
+    backbone = load_sdxl(request.model, DTYPES[dtype_name])
+    identity = model_identity(backbone)  # hashed on the CPU, rounded to fp16
+    backbone.to(device)
+    layers = resolve_layers(backbone.unet, request.layers)
+    spec = make_spec(request, layers, identity, dtype_name, backbone.prediction_type, kind="sdxl")
+    return sdxl_extractor_class()(backbone, spec.feature_space, spec.preprocessing, device, DTYPES[dtype_name]), spec
+
+
+def extractor_for_spec(model: str, spec: BuildSpec, device: torch.device):
+    """The extractor of an existing source's spec on another process (a dask worker): the model
+    loaded as a build loads it, refused when its weights are not the spec's."""
+    from dhf_cache.config import source_kind
+    from dhf_cache.errors import SpecMismatchError
+
+    family = source_kind(spec)
+    layers = ",".join(spec.feature_space.layers)
+    request = BuildRequest(dataset=None, cache_url="", model=model, family=family, layers=layers, dtype=spec.compute.dtype,
+                           preprocessing=spec.preprocessing, storage=spec.storage,
+                           **({} if family == "dinov2" else {"steps": spec.feature_space.steps,
+                                                             "save_steps": spec.feature_space.save_steps}))
+    loader = {"dinov2": _load_dinov2_extractor, "sdxl": _load_sdxl_extractor}[family]
+    extractor, loaded = loader(request, device, spec.compute.dtype)
+    if loaded.feature_space.model != spec.feature_space.model:
+        raise SpecMismatchError(f"--model {model} loads weights that differ from the cache's {family} model; "
+                                "give every worker the same model", ["feature_space.model"])
+    return extractor
+
+
+FAMILIES = ("sd", "sdxl", "dinov2")
 
 
 def model_family(model: str, family: str = "auto") -> str:
@@ -193,7 +228,11 @@ def model_family(model: str, family: str = "auto") -> str:
 
         folder = local_snapshot(model) or folder
     if (folder / "model_index.json").is_file():
-        return "sd"
+        try:
+            pipeline = str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+        except (OSError, ValueError, AttributeError):
+            pipeline = ""
+        return "sdxl" if "XL" in pipeline else "sd"
     config = folder / "config.json"
     if config.is_file():
         try:
@@ -202,7 +241,8 @@ def model_family(model: str, family: str = "auto") -> str:
             model_type = ""
         if str(model_type).startswith("dinov2"):
             return "dinov2"
-    return "dinov2" if "dinov2" in model.lower() else "sd"
+    name = model.lower()
+    return "dinov2" if "dinov2" in name else "sdxl" if "xl" in name.split("/")[-1] else "sd"
 
 
 def open_build(request: BuildRequest, image_ids: list[str], device_name: str,

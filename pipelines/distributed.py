@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dhf_cache.config import BuildOptions, BuildSpec
+from dhf_cache.config import BuildOptions, BuildSpec, source_kind
 from dhf_cache.datasets import ImageRecord
 from dhf_cache.disk_space import check_free_space
 from dhf_cache.errors import UsageError
@@ -51,6 +51,11 @@ def _worker_extractor(job: dict):
             torch.set_num_threads(job["threads"])
         spec = BuildSpec.model_validate(job["spec"])
         dtype = DTYPES[spec.compute.dtype]
+        if source_kind(spec) != "sd":  # SDXL, DINOv2: the same loading as a local build, checked below
+            from dhf_cache.pipelines.build import extractor_for_spec
+
+            _WORKER_EXTRACTORS[key] = extractor_for_spec(job["model"], spec, resolve_device(device_name))
+            return _WORKER_EXTRACTORS[key]
         backbone = load_backbone(job["model"], dtype)
         if backbone.identity != spec.feature_space.model:
             raise SpecMismatchError(
@@ -81,7 +86,7 @@ def build_group_task(job: dict, records: list[ImageRecord], plan: BuildPlan) -> 
     from dhf_cache.cache import FeatureCache
 
     extractor = _worker_extractor(job)
-    cache = FeatureCache.open(job["url"], job["storage_options"], mode="r+")
+    cache = FeatureCache.open(job["url"], job["storage_options"], mode="r+", source=job.get("source"))
     options = BuildOptions(batch_size=job["batch_size"], device=str(extractor.device), max_pixels=job["max_pixels"],
                            progress=False)
     result = build_images(extractor, cache, records, options, log=lambda _: None, plan=plan)
@@ -149,6 +154,7 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
     del extractor  # the coordinator's copy of the model is no longer needed
     job = {
         "model": request.model, "spec": cache.meta["spec"], "spec_fingerprint": cache.fingerprint["spec"],
+        "source": cache.name,
         "url": request.cache_url, "storage_options": request.storage_options, "device": options.device,
         "batch_size": options.batch_size, "max_pixels": options.max_pixels, "threads": options.threads or 1,
         "spread_gpus": local,  # our own LocalCluster: one GPU per worker on a multi-GPU machine

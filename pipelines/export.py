@@ -58,7 +58,7 @@ def _targets(url: str, out: Path, ids: list[str]) -> list[Path]:
 
 def export_images(url: str, out: Path, storage_options: dict, progress: bool = True,
                   log: Callable[[str], None] = print) -> int:
-    cache = FeatureCache.open(url, storage_options)
+    cache = FeatureCache.open(url, storage_options, prefer="sd")  # generation caches are SD sources
     if not cache.is_generated:
         raise CacheError(f"{url} holds features of real images (source {cache.spec.feature_space.source!r}); "
                          "only a cache built with --generate stores images")

@@ -165,12 +165,18 @@ def as_format_1(cache: Path) -> None:
     (cache / "zarr.json").write_text(json.dumps(root))
 
 
-@pytest.fixture
-def format_1_cache(tmp_path, mini_spair, tiny_model_dir) -> Path:
-    cache = tmp_path / "old.zarr"
+@pytest.fixture(scope="module")
+def format_1_original(tmp_path_factory, mini_spair, tiny_model_dir) -> Path:
+    cache = tmp_path_factory.mktemp("caches") / "old.zarr"
     assert invoke(*small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--limit", "4")).exit_code == 0
     as_format_1(cache)
     return cache
+
+
+@pytest.fixture
+def format_1_cache(tmp_path, format_1_original) -> Path:
+    """A fresh copy of a 4-image format-1 cache, for one test to change."""
+    return Path(shutil.copytree(format_1_original, tmp_path / "old.zarr"))
 
 
 def test_a_format_1_cache_is_read_as_one_source(format_1_cache, mini_spair, tiny_model_dir, tiny_dino_dir, tmp_path):
@@ -286,14 +292,13 @@ def test_a_fused_aggregator_trains_resumes_and_evaluates_across_sources(tmp_path
     assert again.exit_code == 0 and json.loads((tmp_path / "e2" / "metrics.json").read_text())["pck"] == metrics["pck"]
 
 
-def test_a_fused_checkpoint_on_a_cache_without_one_of_its_sources_is_refused(tmp_path, two_sources, mini_spair,
-                                                                              tiny_model_dir):
+def test_a_fused_checkpoint_on_a_cache_without_one_of_its_sources_is_refused(tmp_path, two_sources, mini_spair):
     url, run = str(two_sources[0]), tmp_path / "fused"
     assert invoke("train", "--cache", url, "--dataset", f"spair:{mini_spair}", "--out", run, "--device", "cpu",
                   "--no-progress", "--source", "sd,dinov2", "--layers", "dinov2:layernorm", *SMALL_NET,
                   "--steps", "1", "--val-split", "").exit_code == 0
-    sd_only = tmp_path / "sd.zarr"
-    assert invoke(*small_build_args(f"spair:{mini_spair}", sd_only, tiny_model_dir)).exit_code == 0
+    sd_only = Path(shutil.copytree(two_sources[0], tmp_path / "sd.zarr"))
+    shutil.rmtree(sd_only / "sources" / "dinov2")  # the same cache without its DINOv2 source
     result = invoke("eval", "--cache", sd_only, "--dataset", f"spair:{mini_spair}", "--out", tmp_path / "e",
                     "--checkpoint", run, "--device", "cpu", "--no-progress", "--load-size", "64")
     assert result.exit_code != 0 and "Traceback" not in result.output
@@ -335,3 +340,55 @@ def test_zero_shot_fusion_of_raw_maps_is_the_sd_dino_recipe(tmp_path, two_source
                  "--raw", "up_blocks.3.resnets.2@-1+nolayer", "--device", "cpu", "--no-progress")
     assert bad.exit_code != 0 and "map 'nolayer' is in no source; the cache's maps: sd: layers" in bad.output
     assert "dinov2: layers encoder.layer.0" in bad.output and "(no time axis)" in bad.output
+
+
+# ------------------------------------------------------------------------------- SDXL
+
+
+def test_sdxl_maps_are_built_into_a_cache_and_equal_an_independent_inversion(tmp_path, mini_spair):
+    """SDXL through `dhf-cache build`: conditioning from the real pipeline's encode_prompt, the
+    SD 1.5 DDIM inversion of METHOD.md written out, conv2 outputs captured with plain hooks."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dhf_cache.cache import FeatureCache
+    from dhf_cache.sources.sdxl import write_tiny_sdxl
+
+    model = write_tiny_sdxl(tmp_path / "sdxl", seed=0)
+    cache = tmp_path / "c.zarr"
+    result = invoke("build", "--dataset", f"spair:{mini_spair}", "--cache", cache, "--model", model, "--split", "test",
+                    "--load-size", "64", "--image-size", "64", "--steps", "10", "--save-steps", "9,5,0",
+                    "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    built = FeatureCache.open(str(cache))
+    assert built.name == "sdxl" and built.spec.feature_space.kind == "sdxl"
+    assert built.spec.feature_space.model.text_encoder_2_sha256 is not None
+    assert "SDXL UNet2DConditionModel" in invoke("info", str(cache)).output
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    unet = pipe.unet.eval()
+    names = [l.name for l in built.layers]
+    assert names == [f"up_blocks.{i}.resnets.{j}" for i in range(3) for j in range(3)]
+    captured = {}
+    for name in names:
+        i, j = int(name.split(".")[1]), int(name.split(".")[3])
+        unet.up_blocks[i].resnets[j].conv2.register_forward_hook(lambda m, a, out, n=name: captured.__setitem__(n, out))
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1.0 - betas, 0)
+    a = lambda t: 1.0 if t == -1 else float(alphas[t])  # noqa: E731
+    with torch.no_grad():
+        emb, _, pooled, _ = pipe.encode_prompt("", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+        cond = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+        x = torch.from_numpy(built.read_latent(2))[None]
+        saved = {}
+        for k, t in enumerate([-1] + list(range(0, 900, 100))):  # 10 steps of 100: calls at -1, 0, ..., 800
+            eps = unet(x, torch.tensor(t), encoder_hidden_states=emb, added_cond_kwargs=cond).sample
+            saved[9 - k] = {n: captured[n][0].clone() for n in names}
+            t_next = t + 100 if t >= 0 else 0
+            x0 = (x - (1 - a(t)) ** 0.5 * eps) / a(t) ** 0.5
+            x = a(t_next) ** 0.5 * x0 + (1 - a(t_next)) ** 0.5 * eps
+            if k == 9:
+                break
+    stored = built.read_features(2)
+    for name in names:
+        want = torch.stack([saved[s][name] for s in (9, 5, 0)]).numpy().astype(np.float16).astype(np.float32)
+        np.testing.assert_allclose(stored[name].astype(np.float32), want, rtol=2e-3, atol=2e-4, err_msg=name)

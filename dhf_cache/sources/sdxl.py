@@ -468,3 +468,43 @@ def up_block_layers(unet: nn.Module) -> list[str]:
     """The up blocks' resnets (`up_blocks.0.resnets.0`, ...) in forward order: SDXL's 3 x 3, named
     and captured (conv2) as capture.py does for SD (its `up` layer set is the same list)."""
     return [name for name in resnet_names(unet) if name.startswith("up_blocks.")]
+
+
+# --------------------------------------------------------------------------- stage one
+
+
+def model_identity(backbone: SdxlBackbone):
+    """The SDXL identity as the cache's `ModelIdentity` (the second text encoder's hash set)."""
+    from dhf_cache.config import ModelIdentity
+
+    ident = backbone.identity()
+    return ModelIdentity(unet_class=ident.unet_class, unet_sha256=ident.unet_sha256, vae_sha256=ident.vae_sha256,
+                         text_encoder_sha256=ident.text_encoder_sha256,
+                         text_encoder_2_sha256=ident.text_encoder_2_sha256)
+
+
+def sdxl_extractor_class():
+    """`SdxlExtractor`: METHOD.md's inversion (extract.FeatureExtractor) with SDXL's conditioning,
+    UNet call and VAE. Defined on first use so that importing this module does not import the
+    SD extractor's dependencies."""
+    from dhf_cache.extract import FeatureExtractor, image_seed
+    from dhf_cache.inversion import noise_estimate
+
+    class SdxlExtractor(FeatureExtractor):
+        @torch.inference_mode()
+        def encode_prompt(self, prompt: str) -> SdxlConditioning:
+            size = self.preprocessing.image_size
+            return sdxl_conditioning(self.backbone, prompt, size, size, 1, self.device, self.dtype)
+
+        @torch.inference_mode()
+        def encode_latents(self, pixels: torch.Tensor, image_ids: list[str]) -> torch.Tensor:
+            """Each image's latent sampled with its own generator (seed, image id), as for SD."""
+            generators = [torch.Generator().manual_seed(image_seed(self.preprocessing.seed, i)) for i in image_ids]
+            return encode_image_latents(self.backbone, pixels.to(self.device), generators).to(self.device)
+
+        def unet_noise(self, x: torch.Tensor, t: int) -> torch.Tensor:
+            cond = self.prompt_embedding.expand(x.shape[0])
+            out = sdxl_unet_call(self.backbone, x.to(self.dtype), torch.tensor(t, device=self.device), cond).float()
+            return noise_estimate(out, x.float(), self.schedule.alpha(t), self.prediction_type)
+
+    return SdxlExtractor

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import _common  # noqa: F401  (sets the benchmark's thread and OpenMP environment)
 import torch
-from _common import machine_info, median, peak_rss_mb, work_folder, write_json
+from _common import describe_machine, machine_info, median, peak_rss_mb, work_folder, write_json
 
 from dhf_cache.cache import FeatureCache
 from dhf_cache.config import BuildOptions, Preprocessing, TrainOptions
@@ -160,6 +160,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.steps, args.repeats, args.train_steps = 4, 10, 1, 5
+    info = machine_info()
+    print(describe_machine(info))
     with work_folder(args.work, "dhf-sources-") as work:
         work = Path(work)
         data = work / "data"
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
               f"{row['bytes_per_image']:,.0f} |")
     print(f"\ntraining step (P=32, 16x16, {args.train_steps} steps): SD alone {training['sd_step_ms']:.1f} ms, "
           f"SD + DINOv2 fused {training['fused_step_ms']:.1f} ms; peak RSS {peak_rss_mb():.0f} MB")
-    write_json(args.json, {"machine": machine_info(), "sources": rows, "training": training, "args": vars(args)})
+    write_json(args.json, {"machine": info, "sources": rows, "training": training, "args": vars(args)})
     ratios = ", ".join(f"{row['family'].split(' ')[0]} {row['build_over_bare']:.2f}" for row in rows)
     print(f"build/bare: {ratios} (target <= 1.10); fused/SD step = {training['fused_over_sd']:.2f}")
     return 0

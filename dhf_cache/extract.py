@@ -120,12 +120,17 @@ class FeatureExtractor:
         ).to(self.device)
         return (mean + std * noise) * self.scaling_factor
 
-    def unet_noise(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """The UNet's noise estimate at (x, t), whatever the model predicts (noise_estimate)."""
-        emb = self.prompt_embedding.expand(x.shape[0], -1, -1)
+    def unet_output(self, x: torch.Tensor, t: int, conditioning=None) -> torch.Tensor:
+        """The one call of the UNet (float32 out): what it predicts at (x, t) under
+        `conditioning` (default: the spec's prompt for every row). Inversion, generation and
+        the layer table all call it; SDXL's extractor overrides it with SDXL's conditioning."""
+        emb = self.prompt_embedding.expand(x.shape[0], -1, -1) if conditioning is None else conditioning
         timestep = torch.tensor(t, device=self.device)
-        out = self.backbone.unet(x.to(self.dtype), timestep, encoder_hidden_states=emb).sample.float()
-        return noise_estimate(out, x.float(), self.schedule.alpha(t), self.prediction_type)
+        return self.backbone.unet(x.to(self.dtype), timestep, encoder_hidden_states=emb).sample.float()
+
+    def unet_noise(self, x: torch.Tensor, t: int, conditioning=None) -> torch.Tensor:
+        """The UNet's noise estimate at (x, t), whatever the model predicts (noise_estimate)."""
+        return noise_estimate(self.unet_output(x, t, conditioning), x.float(), self.schedule.alpha(t), self.prediction_type)
 
     @torch.inference_mode()
     def invert(self, latents: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[int, str]]:

@@ -62,10 +62,8 @@ class FeatureGenerator:
         for i, t in enumerate(self.call_timesteps):
             pos = self.save_positions.get(i)
             ex.capture.enabled = pos is not None
-            both = unet(torch.cat([x, x]).to(ex.dtype), torch.tensor(t, device=ex.device),
-                        encoder_hidden_states=embeddings).sample.float()
-            both = noise_estimate(both, torch.cat([x, x]).float(), float(self.scheduler.alphas_cumprod[t]),
-                                  ex.prediction_type)
+            both = noise_estimate(ex.unet_output(torch.cat([x, x]), t, embeddings), torch.cat([x, x]).float(),
+                                  float(self.scheduler.alphas_cumprod[t]), ex.prediction_type)
             eps_uncond, eps_cond = both.chunk(2)
             eps = eps_uncond + self.spec.guidance * (eps_cond - eps_uncond)
             if pos is not None:  # the conditional half of the guided call

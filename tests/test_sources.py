@@ -195,6 +195,18 @@ def test_a_format_1_cache_is_read_as_one_source(format_1_cache, mini_spair, tiny
     refused = invoke(*dino_build_args(mini_spair, format_1_cache, tiny_dino_dir, "--limit", "4"))
     assert refused.exit_code != 0 and f"run `dhf-cache migrate {format_1_cache}`" in refused.output
     assert files_of(format_1_cache) == before
+    # stages two and three on it: train, eval from the run (descriptors stored in the cache), raw maps
+    run = tmp_path / "run"
+    trained = invoke("train", "--cache", format_1_cache, "--dataset", f"spair:{mini_spair}", "--out", run,
+                     "--device", "cpu", "--no-progress", *SMALL_NET, "--steps", "1", "--val-split", "",
+                     "--split", "test", "--skip-missing")
+    assert trained.exit_code == 0, trained.output
+    assert json.loads((run / "config.json").read_text())["features"]["source"] == "sd"
+    for extra in (["--checkpoint", run], ["--raw", "up_blocks.3.resnets.2@-1"]):
+        scored = invoke("eval", "--cache", format_1_cache, "--dataset", f"spair:{mini_spair}", "--out",
+                        tmp_path / "e", "--device", "cpu", "--no-progress", "--load-size", "64", "--skip-missing", *extra)
+        assert scored.exit_code == 0, scored.output
+    assert (format_1_cache / "descriptors").is_dir()  # format 1 keeps its layout: sets at the root
 
 
 def test_migrate_moves_folders_without_rewriting_a_chunk(format_1_cache, mini_spair, tiny_dino_dir):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from conftest import cli, small_build_args
+from conftest import invoke, small_build_args
 from dhf_cache.backbone import load_backbone
 from dhf_cache.cache import FeatureCache
 from dhf_cache.config import FeatureSpace, Preprocessing, SchedulerSpec
@@ -105,18 +105,18 @@ def test_a_v_prediction_model_is_built_as_such_and_an_unknown_kind_refused(tmp_p
     v_model = write_tiny_model(tmp_path / "tiny-v", seed=0, prediction_type="v_prediction")
     assert load_backbone(str(v_model)).prediction_type == "v_prediction"
     cache = tmp_path / "v.zarr"
-    built = cli(*small_build_args(f"spair:{mini_spair}", cache, v_model, "--split", "trn"))
-    assert built.returncode == 0, built.stderr[-2000:]
+    built = invoke(*small_build_args(f"spair:{mini_spair}", cache, v_model, "--split", "trn"))
+    assert built.exit_code == 0, built.output[-2000:]
     spec = FeatureCache.open(str(cache)).spec
     assert spec.feature_space.scheduler.prediction_type == "v_prediction"
-    assert "UNet predicts v_prediction" in cli("info", str(cache)).stdout
+    assert "UNet predicts v_prediction" in invoke("info", str(cache)).output
 
     odd = tmp_path / "tiny-sample"
     shutil.copytree(v_model, odd)
     config = odd / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
-    refused = cli(*small_build_args(f"spair:{mini_spair}", tmp_path / "odd.zarr", odd, "--split", "trn"))
-    assert refused.returncode == 2 and "predicts 'sample'" in refused.stderr and "Traceback" not in refused.stderr
+    refused = invoke(*small_build_args(f"spair:{mini_spair}", tmp_path / "odd.zarr", odd, "--split", "trn"))
+    assert refused.exit_code == 2 and "predicts 'sample'" in refused.output and "Traceback" not in refused.output
     assert not (tmp_path / "odd.zarr").exists()
 
 

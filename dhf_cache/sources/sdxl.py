@@ -488,7 +488,6 @@ def sdxl_extractor_class():
     UNet call and VAE. Defined on first use so that importing this module does not import the
     SD extractor's dependencies."""
     from dhf_cache.extract import FeatureExtractor, image_seed
-    from dhf_cache.inversion import noise_estimate
 
     class SdxlExtractor(FeatureExtractor):
         @torch.inference_mode()
@@ -502,9 +501,8 @@ def sdxl_extractor_class():
             generators = [torch.Generator().manual_seed(image_seed(self.preprocessing.seed, i)) for i in image_ids]
             return encode_image_latents(self.backbone, pixels.to(self.device), generators).to(self.device)
 
-        def unet_noise(self, x: torch.Tensor, t: int) -> torch.Tensor:
-            cond = self.prompt_embedding.expand(x.shape[0])
-            out = sdxl_unet_call(self.backbone, x.to(self.dtype), torch.tensor(t, device=self.device), cond).float()
-            return noise_estimate(out, x.float(), self.schedule.alpha(t), self.prediction_type)
+        def unet_output(self, x: torch.Tensor, t: int, conditioning: SdxlConditioning | None = None) -> torch.Tensor:
+            cond = self.prompt_embedding.expand(x.shape[0]) if conditioning is None else conditioning
+            return sdxl_unet_call(self.backbone, x.to(self.dtype), torch.tensor(t, device=self.device), cond).float()
 
     return SdxlExtractor

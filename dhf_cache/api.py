@@ -114,7 +114,7 @@ class Hyperfeatures:
 
     def _reader(self, cache_url: str, storage_options: dict | None) -> tuple[FeatureCache, FeatureReader]:
         if cache_url not in self._caches:
-            bindings = self.checkpoint.source_features  # the sources it reads, in the network's order
+            bindings = self.checkpoint.bindings  # the sources it reads, in the network's order
             if self.checkpoint.fused:
                 everything = FeatureCache.open_all(cache_url, storage_options)
                 missing = [name for name in bindings if name not in everything]
@@ -125,8 +125,8 @@ class Hyperfeatures:
             else:
                 name = next(iter(bindings))
                 caches = {name: FeatureCache.open(cache_url, storage_options, prefer=name)}
-            problems = [f"{name}: {p}" for name, features in bindings.items()
-                        for p in check_features_match(features, caches[name] if self.checkpoint.fused
+            problems = [f"{name}: {p}" for name, binding in bindings.items()
+                        for p in check_features_match(binding, caches[name] if self.checkpoint.fused
                                                       else next(iter(caches.values())))]
             if problems:
                 raise CheckpointError(
@@ -135,12 +135,12 @@ class Hyperfeatures:
                     + "\nUse a cache built with the checkpoint's model and settings, or descriptors() on the fly"
                 )
             if self.checkpoint.fused:
-                selections = {name: checkpoint_selection(features, caches[name])[0] for name, features in bindings.items()}
+                selections = {name: checkpoint_selection(binding, caches[name])[0] for name, binding in bindings.items()}
                 reader = SourcesReader(caches, SourcesSelection(selections))
                 self._caches[cache_url] = (reader.primary, reader)
             else:
                 cache = next(iter(caches.values()))
-                selection, _ = checkpoint_selection(self.checkpoint.features, cache)
+                selection, _ = checkpoint_selection(self.checkpoint.binding, cache)
                 self._caches[cache_url] = (cache, FeatureReader(cache, selection))
         return self._caches[cache_url]
 

@@ -65,22 +65,31 @@ class Checkpoint:
         """True for a network over maps of several sources."""
         return "sources" in self.config["features"]
 
-    @property
-    def source_features(self) -> dict[str, dict[str, Any]]:
+    @functools.cached_property
+    def bindings(self) -> dict[str, SourceBinding]:
         """Each source's binding by source name, in the network's order (one entry unless fused;
-        runs from before format 2 and imported weights read the `sd` source)."""
+        runs from before format 2 and imported weights read the `sd` source). config.json was
+        checked when the checkpoint loaded (`check_config`), so these parse."""
+        features = self.config["features"]
         if self.fused:  # in the network's order (config.json's objects are written with sorted keys)
-            bound = self.config["features"]["sources"]
-            return {entry["name"]: bound[entry["name"]] for entry in self.config["network"]["sources"]}
-        return {self.config["features"].get("source") or "sd": self.config["features"]}
+            return {entry["name"]: SourceBinding.model_validate(features["sources"][entry["name"]])
+                    for entry in self.config["network"]["sources"]}
+        return {features.get("source") or "sd": SourceBinding.model_validate(features)}
+
+    @property
+    def binding(self) -> SourceBinding:
+        """The binding of a one-source checkpoint (fused ones: `bindings`)."""
+        if self.fused:
+            raise CheckpointError(f"{self.run}: fuses maps of {', '.join(self.bindings)}; use its per-source bindings")
+        return next(iter(self.bindings.values()))
 
     @property
     def layer_names(self) -> list[str]:
-        return [layer["name"] for layer in self.features["layers"]]
+        return self.binding.layer_names
 
     @property
     def timesteps(self) -> list[int]:
-        return list(self.features["timesteps"])
+        return list(self.binding.timesteps)
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -145,7 +154,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-class _LayerEntry(_Strict):
+class LayerEntry(_Strict):
     name: str = Field(min_length=1)
     channels: int = Field(ge=1)
     height: int = Field(ge=1)
@@ -153,22 +162,40 @@ class _LayerEntry(_Strict):
 
 
 class _NetworkEntry(_Strict):
-    layers: list[_LayerEntry] = Field(min_length=1)
+    layers: list[LayerEntry] = Field(min_length=1)
     n_timesteps: int = Field(ge=1)
     projection_dim: int = Field(ge=4)
     output_size: int = Field(ge=1)
     num_groups: int = Field(ge=1)
 
 
-class _FeaturesEntry(_Strict):
+class SourceBinding(_Strict):
+    """What a checkpoint reads from one source of a cache (config.json `features`, or one entry
+    of `features.sources`): the typed form every reader of a checkpoint uses."""
+
     model_config = ConfigDict(strict=True, extra="allow")  # cache_url, reference, ...: informative
-    layers: list[_LayerEntry] = Field(min_length=1)
+    layers: list[LayerEntry] = Field(min_length=1)
     timesteps: list[int] = Field(min_length=1)
-    feature_space: str | None = None
+    feature_space: str | None = None  # the source's feature_space fingerprint (None: imported, unbound)
     feature_space_spec: dict | None = None
-    cache_timesteps: list[int] | None = None
+    cache_timesteps: list[int] | None = None  # the training source's whole time axis
     preprocessing: dict | None = None
     model_source: str | None = None
+    source: str | None = None  # the source's name in the cache (None: before format 2, i.e. "sd")
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def kind(self) -> str | None:
+        """The source's family as its feature space records it (None: SD 1.x/2.x)."""
+        return (self.feature_space_spec or {}).get("kind")
+
+    @property
+    def feature_source(self) -> str:
+        """inversion or generation (what the SD features were captured from)."""
+        return (self.feature_space_spec or {}).get("source", "inversion")
 
 
 def _one_or_fused(value: Any) -> str:
@@ -177,7 +204,7 @@ def _one_or_fused(value: Any) -> str:
 
 class _SourceMapsEntry(_Strict):
     name: str = Field(min_length=1)
-    layers: list[_LayerEntry] = Field(min_length=1)
+    layers: list[LayerEntry] = Field(min_length=1)
     n_timesteps: int = Field(ge=1)
 
 
@@ -194,7 +221,7 @@ class _FusedFeaturesEntry(_Strict):
     """What a fused network reads: each source's binding, in the network's source order."""
 
     model_config = ConfigDict(strict=True, extra="allow")
-    sources: dict[str, _FeaturesEntry] = Field(min_length=2)
+    sources: dict[str, SourceBinding] = Field(min_length=2)
 
 
 class _RunConfig(_Strict):
@@ -205,7 +232,7 @@ class _RunConfig(_Strict):
     # that applies (not both alternatives of a union)
     network: Annotated[Annotated[_NetworkEntry, Tag("one")] | Annotated[_FusedNetworkEntry, Tag("fused")],
                        Discriminator(_one_or_fused)]
-    features: Annotated[Annotated[_FeaturesEntry, Tag("one")] | Annotated[_FusedFeaturesEntry, Tag("fused")],
+    features: Annotated[Annotated[SourceBinding, Tag("one")] | Annotated[_FusedFeaturesEntry, Tag("fused")],
                         Discriminator(_one_or_fused)]
     training: dict | None = None
 
@@ -260,7 +287,7 @@ def check_config(config: Any, path: Path) -> dict:
     return config
 
 
-def _binding_problems(network, features: _FeaturesEntry) -> list[str]:
+def _binding_problems(network, features: SourceBinding) -> list[str]:
     """Why one source's network entry (layers, n_timesteps) and features binding disagree."""
     problems = []
     if [layer.model_dump() for layer in features.layers] != [layer.model_dump() for layer in network.layers]:
@@ -523,47 +550,52 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 TRANSFER_FIELDS = ("source", "generation")  # what may differ when inversion weights read generation features
 
 
-def _transfer(checkpoint_features: dict, cache) -> bool:
+def _transfer(binding: SourceBinding, cache) -> bool:
     """An inversion-trained checkpoint reading a generation cache (the paper's transfer claim)."""
-    spec = checkpoint_features.get("feature_space_spec") or {}
-    return spec.get("source", "inversion") == "inversion" and getattr(cache.spec.feature_space, "source", None) == "generation"
+    return binding.feature_source == "inversion" and getattr(cache.spec.feature_space, "source", None) == "generation"
 
 
-def _checkpoint_steps(checkpoint_features: dict) -> list[int] | None:
+def _checkpoint_steps(binding: SourceBinding) -> list[int] | None:
     """Inversion step indices of the checkpoint's timesteps (None when the checkpoint lacks the
     time axis of its training cache)."""
-    spec, axis = checkpoint_features.get("feature_space_spec"), checkpoint_features.get("cache_timesteps")
+    spec, axis = binding.feature_space_spec, binding.cache_timesteps
     if not spec or not axis:
         return None
-    return [spec["save_steps"][axis.index(t)] for t in checkpoint_features["timesteps"]]
+    return [spec["save_steps"][axis.index(t)] for t in binding.timesteps]
 
 
-def check_features_match(checkpoint_features: dict, cache) -> list[str]:
-    """Why a checkpoint cannot read this cache's features ([] when it can).
+def as_binding(binding: SourceBinding | dict) -> SourceBinding:
+    """A binding as its typed form (config.json's `features` object is accepted as well)."""
+    return binding if isinstance(binding, SourceBinding) else SourceBinding.model_validate(binding)
+
+
+def check_features_match(binding: SourceBinding | dict, cache) -> list[str]:
+    """Why a checkpoint cannot read this cache source's features ([] when it can).
 
     The same feature space (or, for imported checkpoints without one, the same layer names,
     channels and timesteps) is required, except that a checkpoint trained on inversion features
     may read generation features of the same model, steps and layers: matched by step index.
     """
+    binding = as_binding(binding)
     problems = []
-    transfer = _transfer(checkpoint_features, cache)
-    bound = checkpoint_features.get("feature_space")
+    transfer = _transfer(binding, cache)
+    bound = binding.feature_space
     if bound is not None and bound != cache.fingerprint["feature_space"]:
-        differences = spec_differences(cache.spec.feature_space, checkpoint_features.get("feature_space_spec") or {})
+        differences = spec_differences(cache.spec.feature_space, binding.feature_space_spec or {})
         if transfer:
             differences = [d for d in differences if d.split(":")[0].split(".")[0] not in TRANSFER_FIELDS]
         if differences or not transfer:
             problems.append("feature_space fingerprint differs")
             problems += [d.replace("requested", "checkpoint has") for d in differences]
     by_name = {layer.name: layer for layer in cache.layers}
-    for layer in checkpoint_features["layers"]:
-        have = by_name.get(layer["name"])
+    for layer in binding.layers:
+        have = by_name.get(layer.name)
         if have is None:
-            problems.append(f"layer {layer['name']}: not in the cache")
-        elif have.channels != layer["channels"]:
-            problems.append(f"layer {layer['name']}: {have.channels} channels in the cache, {layer['channels']} in the checkpoint")
+            problems.append(f"layer {layer.name}: not in the cache")
+        elif have.channels != layer.channels:
+            problems.append(f"layer {layer.name}: {have.channels} channels in the cache, {layer.channels} in the checkpoint")
     if transfer:
-        steps = _checkpoint_steps(checkpoint_features)
+        steps = _checkpoint_steps(binding)
         if steps is None:
             problems.append("this checkpoint does not record the time axis of its training cache, so its "
                             "inversion steps cannot be matched to generation steps")
@@ -572,23 +604,24 @@ def check_features_match(checkpoint_features: dict, cache) -> list[str]:
             if missing:
                 problems.append(f"step indices {missing}: not saved in the cache (it holds {list(cache.spec.feature_space.save_steps)})")
     else:
-        missing = [t for t in checkpoint_features["timesteps"] if t not in cache.timesteps]
+        missing = [t for t in binding.timesteps if t not in cache.timesteps]
         if missing:
             problems.append(f"timesteps {missing}: not in the cache (it holds {cache.timesteps})")
     return problems
 
 
-def checkpoint_selection(checkpoint_features: dict, cache):
+def checkpoint_selection(binding: SourceBinding | dict, cache):
     """(FeatureSelection, notes): the cached maps a checkpoint reads, once `check_features_match`
     found none missing. Same source: by UNet t; transfer: by step index (the generation pass
     calls the same step index at another t)."""
     from dhf_cache.feature_loader import select_features
 
-    names = [layer["name"] for layer in checkpoint_features["layers"]]
-    if not _transfer(checkpoint_features, cache):
-        return select_features(cache, names, checkpoint_features["timesteps"]), []
-    steps = _checkpoint_steps(checkpoint_features)
+    binding = as_binding(binding)
+    names = binding.layer_names
+    if not _transfer(binding, cache):
+        return select_features(cache, names, binding.timesteps), []
+    steps = _checkpoint_steps(binding)
     timesteps = [cache.timesteps[cache.spec.feature_space.save_steps.index(s)] for s in steps]
     note = (f"transfer: a checkpoint trained on inversion features reads generation features, matched by "
-            f"step index (inversion t {checkpoint_features['timesteps']} -> generation t {timesteps})")
+            f"step index (inversion t {binding.timesteps} -> generation t {timesteps})")
     return select_features(cache, names, timesteps), [note]

@@ -60,9 +60,8 @@ def derive_save_steps(timesteps: Sequence[int], steps: int = DEFAULT_STEPS,
 def on_the_fly_only_sd(checkpoint: Checkpoint) -> None:
     """Features are extracted on the fly from SD UNets only: a checkpoint that reads another
     source's maps (or fuses several) is evaluated from a cache instead; one line saying so."""
-    kinds = [(b.get("feature_space_spec") or {}).get("kind") for b in checkpoint.source_features.values()]
-    if checkpoint.fused or any(kinds):
-        raise UsageError(f"{checkpoint.run}: this checkpoint reads maps of {', '.join(checkpoint.source_features)}; "
+    if checkpoint.fused or any(binding.kind for binding in checkpoint.bindings.values()):
+        raise UsageError(f"{checkpoint.run}: this checkpoint reads maps of {', '.join(checkpoint.bindings)}; "
                          "extraction on the fly covers SD models only: build a cache of your images with each "
                          "source (`dhf-cache build --dataset folder:DIR --source NAME`) and use `dhf-cache eval`")
 
@@ -71,19 +70,19 @@ def checkpoint_spec(checkpoint: Checkpoint) -> tuple[FeatureSpace | None, Prepro
     """The (feature space, preprocessing) the checkpoint's cache was built with; (None, None)
     for an imported checkpoint that was never bound to a cache."""
     on_the_fly_only_sd(checkpoint)
-    features = checkpoint.features
-    spec = features.get("feature_space_spec")
+    binding = checkpoint.binding
+    spec = binding.feature_space_spec
     if spec is None:
-        if features.get("feature_space") is not None:
+        if binding.feature_space is not None:
             raise CheckpointError(
-                f"{checkpoint.path}: config.json binds a feature space ({features['feature_space'][:12]}...) "
+                f"{checkpoint.path}: config.json binds a feature space ({binding.feature_space[:12]}...) "
                 "but does not record its spec (feature_space_spec), so features cannot be extracted on the fly; "
                 "retrain or re-import the checkpoint with this version of dhf-cache"
             )
         return None, None
     try:
         space = FeatureSpace.model_validate(spec)
-        pre = Preprocessing.model_validate(features.get("preprocessing") or {})
+        pre = Preprocessing.model_validate(binding.preprocessing or {})
     except ValueError as exc:
         raise CheckpointError(f"{checkpoint.path}: config.json holds an unreadable build spec ({exc})") from None
     return space, pre
@@ -101,7 +100,7 @@ def recorded_model(checkpoint: Checkpoint) -> tuple[str, list[str]]:
     checkpoints stored the cache's `model_source` as given) is looked for under the run folder,
     then the working folder; a hub id is returned as is for load_backbone. ModelNotFoundError
     in one line, naming what was tried, when none of these can be the model."""
-    recorded = checkpoint.features.get("model_source")
+    recorded = checkpoint.binding.model_source
     if not recorded:
         raise CheckpointError(
             f"{checkpoint.path}: the checkpoint records no model it was built with; pass the backbone "
@@ -160,7 +159,7 @@ class OnTheFlyExtractor:
                 if not tried:  # the folder was found: its own error says what is wrong with it
                     raise
                 raise ModelNotFoundError(
-                    f"{checkpoint.run}: the checkpoint's model {checkpoint.features['model_source']!r} was not found "
+                    f"{checkpoint.run}: the checkpoint's model {checkpoint.binding.model_source!r} was not found "
                     f"(tried {'; '.join(tried + ['the Hugging Face cache'])}); pass --model ID|DIR with the "
                     "backbone it was trained with"
                 ) from None
@@ -172,7 +171,7 @@ class OnTheFlyExtractor:
                     f"model {source} is not the model the checkpoint's features came from (weights differ):\n  "
                     + "\n  ".join(problems)
                     + "\nPass --model with the model the cache was built with"
-                    + (f" ({checkpoint.features['model_source']})" if checkpoint.features.get("model_source") else "")
+                    + (f" ({checkpoint.binding.model_source})" if checkpoint.binding.model_source else "")
                 )
         else:
             space = FeatureSpace(model=identity, steps=DEFAULT_STEPS,

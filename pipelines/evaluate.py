@@ -159,10 +159,10 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         options["descriptor"] = f"checkpoint {request.checkpoint}"
         checkpoint_fp = ckpt.fingerprint
         if ckpt.fused:
-            trained_on = ",".join(ckpt.source_features)
+            trained_on = ",".join(ckpt.bindings)
             notes.append(f"fused checkpoint over sources {trained_on}: {len(ckpt.network.map_keys)} layers")
         else:
-            trained_on = (ckpt.features.get("feature_space_spec") or {}).get("source", "inversion")
+            trained_on = ckpt.binding.feature_source
             mixing = (ckpt.network.mixing_weights_table().cpu().numpy(), ckpt.layer_names, ckpt.timesteps)
         accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,
                                                on_pair=lambda: bar.update(1))
@@ -337,14 +337,14 @@ def _check_checkpoint(ckpt: Checkpoint, caches: dict[str, FeatureCache], path: P
     """Every source the checkpoint reads checked against its binding; notes for the report."""
     problems, notes = [], []
     fused = ckpt.fused
-    for name, features in ckpt.source_features.items():
+    for name, binding in ckpt.bindings.items():
         cache = caches[name] if fused else next(iter(caches.values()))
         where = f"source {name}: " if fused else ""
-        problems += [where + p for p in check_features_match(features, cache)]
-        if features.get("feature_space") is None:
+        problems += [where + p for p in check_features_match(binding, cache)]
+        if binding.feature_space is None:
             notes.append("imported checkpoint not bound to a feature space: checked layer names, channels and "
                          "timesteps only")
-        trained_pre = features.get("preprocessing")
+        trained_pre = binding.preprocessing
         cache_pre = cache.spec.preprocessing.model_dump(mode="json")
         if trained_pre and trained_pre != cache_pre:
             diffs = [f"{k} {trained_pre.get(k)} -> {v}" for k, v in cache_pre.items() if trained_pre.get(k) != v]
@@ -374,11 +374,10 @@ def _checkpoint_descriptors(ckpt: Checkpoint, caches: dict[str, FeatureCache], p
     done = store.done_mask()
     todo = [i for i in needed if not done[i]]
     if ckpt.fused:
-        selections = {name: checkpoint_selection(features, caches[name])[0]
-                      for name, features in ckpt.source_features.items()}
+        selections = {name: checkpoint_selection(binding, caches[name])[0] for name, binding in ckpt.bindings.items()}
         reader = SourcesReader(caches, SourcesSelection(selections), check_finite=True)
     else:
-        selection, selection_notes = checkpoint_selection(ckpt.features, cache)
+        selection, selection_notes = checkpoint_selection(ckpt.binding, cache)
         notes += selection_notes
         reader = FeatureReader(cache, selection, check_finite=True)  # a NaN map would score silently
     device = next(net.parameters()).device

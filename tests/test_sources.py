@@ -280,7 +280,7 @@ def test_a_fused_aggregator_trains_resumes_and_evaluates_across_sources(tmp_path
     assert sorted(config["features"]["sources"]) == ["dinov2", "sd"]
     assert config["features"]["sources"]["dinov2"]["layers"][0]["name"] == "layernorm"
     ckpt = load_checkpoint(run)
-    assert ckpt.fused and list(ckpt.source_features) == ["sd", "dinov2"]
+    assert ckpt.fused and list(ckpt.bindings) == ["sd", "dinov2"] and ckpt.bindings["dinov2"].layer_names == ["layernorm"]
     assert ckpt.network.mixing_weights.numel() == 12 * 3 + 1 and len(ckpt.network.bottlenecks) == 13
     # the network reads exactly the stored maps: its output equals one on maps read here by hand
     caches = FeatureCache.open_all(url)

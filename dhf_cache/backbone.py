@@ -12,13 +12,17 @@ import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from dhf_cache.config import ModelIdentity
 from dhf_cache.errors import ModelNotFoundError, UsageError
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # What load_backbone reads from a hub repository: the three models' configs and safetensors
@@ -189,25 +193,34 @@ def load_backbone(model: str, dtype: torch.dtype = torch.float32) -> Backbone:
         raise ModelNotFoundError(
             f"--model {model}: no such directory. Pass an existing pipeline directory or a hub id."
         )
-    tried = [f"local directory {path.resolve()} (does not exist)"]
+    return load_hub_id(model, lambda local_only: check_prediction_type(_load_components(model, local_only, dtype), model),
+                       download_command(model))
+
+
+def load_hub_id(model: str, load: Callable[[bool], T], download: str,
+                errors: tuple[type[BaseException], ...] = (OSError, ValueError),
+                why: Callable[[BaseException], str] | None = None) -> T:
+    """`load(local_files_only)` of a hub id, for every source family: the local Hugging Face
+    cache first, then the Hub unless HF_HUB_OFFLINE is set or it cannot be reached. Nothing
+    found: ModelNotFoundError listing what was tried and the `hf download` command to run."""
+    why = why or _first_line
+    tried = [f"local directory {Path(model).expanduser().resolve()} (does not exist)"]
     try:
-        return check_prediction_type(_load_components(model, True, dtype), model)
-    except (OSError, ValueError) as exc:
-        tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {_first_line(exc)}")
+        return load(True)
+    except errors as exc:
+        tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {why(exc)}")
     if hub_offline():
         tried.append("download: skipped, HF_HUB_OFFLINE is set")
     elif unreachable := hub_unreachable():
         tried.append(f"download: skipped, {unreachable}")
     else:
         try:
-            return check_prediction_type(_load_components(model, False, dtype), model)
-        except (OSError, ValueError) as exc:
-            tried.append(f"download from the Hugging Face Hub: {_first_line(exc)}")
-    raise ModelNotFoundError(
-        f"--model {model}: model not found. Tried:\n  - "
-        + "\n  - ".join(tried)
-        + f"\nFix: on a machine with internet run `{download_command(model)}` (and copy "
-        "the cache here), or pass a local pipeline directory with --model DIR."
+            return load(False)
+        except errors as exc:
+            tried.append(f"download from the Hugging Face Hub: {why(exc)}")
+    raise ModelNotFoundError(  # one line, whatever the family
+        f"--model {model}: model not found (tried: " + "; ".join(tried) + f"). Fix: on a machine with internet run "
+        f"`{download}` (and copy the cache here), or pass a local model folder with --model DIR."
     )
 
 

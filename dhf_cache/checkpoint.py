@@ -161,12 +161,17 @@ class LayerEntry(_Strict):
     width: int = Field(ge=1)
 
 
-class _NetworkEntry(_Strict):
-    layers: list[LayerEntry] = Field(min_length=1)
-    n_timesteps: int = Field(ge=1)
+class _NetworkShape(_Strict):
+    """What every network config has beside the maps it reads."""
+
     projection_dim: int = Field(ge=4)
     output_size: int = Field(ge=1)
     num_groups: int = Field(ge=1)
+
+
+class _NetworkEntry(_NetworkShape):
+    layers: list[LayerEntry] = Field(min_length=1)
+    n_timesteps: int = Field(ge=1)
 
 
 class SourceBinding(_Strict):
@@ -208,13 +213,10 @@ class _SourceMapsEntry(_Strict):
     n_timesteps: int = Field(ge=1)
 
 
-class _FusedNetworkEntry(_Strict):
+class _FusedNetworkEntry(_NetworkShape):
     """A network over maps of several sources (AggregationNetwork.over_sources)."""
 
     sources: list[_SourceMapsEntry] = Field(min_length=2)
-    projection_dim: int = Field(ge=4)
-    output_size: int = Field(ge=1)
-    num_groups: int = Field(ge=1)
 
 
 class _FusedFeaturesEntry(_Strict):

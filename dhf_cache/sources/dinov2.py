@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch import nn
 
-from dhf_cache.backbone import hub_offline, hub_unreachable, weights_sha256
+from dhf_cache.backbone import load_hub_id, weights_sha256
 from dhf_cache.config import Dinov2FeatureSpace, Dinov2Identity, check_image_size
 from dhf_cache.errors import ModelNotFoundError, UsageError
 from dhf_cache.layers import LayerInfo
@@ -159,24 +159,8 @@ def load_dinov2(model: str, dtype: torch.dtype = torch.float32) -> Dinov2Backbon
             raise ModelNotFoundError(f"--model {model}: could not load the model in {path}: {_why(exc)}") from None
     if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an org/name id
         raise ModelNotFoundError(f"--model {model}: no such directory; {_what_to_pass()}")
-    tried = [f"local directory {path.resolve()} (does not exist)"]
-    try:
-        return _load_from_hub(model, True, dtype)
-    except _LOAD_ERRORS as exc:
-        tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {_why(exc)}")
-    if hub_offline():
-        tried.append("download: skipped, HF_HUB_OFFLINE is set")
-    elif unreachable := hub_unreachable():
-        tried.append(f"download: skipped, {unreachable}")
-    else:
-        try:
-            return _load_from_hub(model, False, dtype)
-        except _LOAD_ERRORS as exc:
-            tried.append(f"download from the Hugging Face Hub: {_why(exc)}")
-    raise ModelNotFoundError(
-        f"--model {model}: model not found (tried: " + "; ".join(tried) + "). Fix: on a machine with internet "
-        f"run `{download_command(model)}` (and copy the cache here), or pass a local model folder with --model DIR."
-    )
+    return load_hub_id(model, lambda local_only: _load_from_hub(model, local_only, dtype), download_command(model),
+                       errors=_LOAD_ERRORS, why=_why)
 
 
 def _what_to_pass() -> str:
@@ -277,12 +261,6 @@ def _quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def _hf_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
 
 
 # What from_pretrained raises for files it cannot use: missing or unreadable (OSError), bad

@@ -24,13 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dhf_cache.backbone import (
-    hub_offline,
-    hub_unreachable,
-    quiet_libraries,
-    read_prediction_type,
-    weights_sha256,
-)
+from dhf_cache.backbone import load_hub_id, quiet_libraries, read_prediction_type, weights_sha256
 from dhf_cache.capture import resnet_names
 from dhf_cache.config import Frozen
 from dhf_cache.errors import ModelNotFoundError, UsageError
@@ -292,31 +286,8 @@ def load_sdxl(model: str, dtype: torch.dtype = torch.float32) -> SdxlBackbone:
                                      f"{_first_line(exc)}") from None
     if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an org/name id
         raise ModelNotFoundError(f"--model {model}: no such directory. Pass an existing pipeline directory or a hub id.")
-    tried = [f"local directory {path.resolve()} (does not exist)"]
-    try:
-        return _load_components(model, model, True, dtype)
-    except (OSError, ValueError) as exc:
-        tried.append(f"the Hugging Face cache ({_hf_cache_dir()}): {_first_line(exc)}")
-    if hub_offline():
-        tried.append("download: skipped, HF_HUB_OFFLINE is set")
-    elif unreachable := hub_unreachable():
-        tried.append(f"download: skipped, {unreachable}")
-    else:
-        try:
-            return _load_components(model, model, False, dtype)
-        except (OSError, ValueError) as exc:
-            tried.append(f"download from the Hugging Face Hub: {_first_line(exc)}")
-    raise ModelNotFoundError(
-        f"--model {model}: model not found. Tried:\n  - " + "\n  - ".join(tried)
-        + f"\nFix: on a machine with internet run `{sdxl_download_command(model)}` (and copy the cache here), "
-        "or pass a local pipeline directory with --model DIR."
-    )
-
-
-def _hf_cache_dir() -> str:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return str(HF_HUB_CACHE)
+    return load_hub_id(model, lambda local_only: _load_components(model, model, local_only, dtype),
+                       sdxl_download_command(model))
 
 
 def _first_line(exc: BaseException) -> str:

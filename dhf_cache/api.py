@@ -125,9 +125,8 @@ class Hyperfeatures:
             else:
                 name = next(iter(bindings))
                 caches = {name: FeatureCache.open(cache_url, storage_options, prefer=name)}
-            problems = [f"{name}: {p}" for name, binding in bindings.items()
-                        for p in check_features_match(binding, caches[name] if self.checkpoint.fused
-                                                      else next(iter(caches.values())))]
+            problems = [f"{name}: {p}" for name, binding in bindings.items()  # caches is keyed like bindings
+                        for p in check_features_match(binding, caches[name])]
             if problems:
                 raise CheckpointError(
                     f"checkpoint {self.checkpoint.path} cannot read the features of {cache_url}:\n  "
@@ -139,7 +138,7 @@ class Hyperfeatures:
                 reader = SourcesReader(caches, SourcesSelection(selections))
                 self._caches[cache_url] = (reader.primary, reader)
             else:
-                cache = next(iter(caches.values()))
+                cache = caches[name]
                 selection, _ = checkpoint_selection(self.checkpoint.binding, cache)
                 self._caches[cache_url] = (cache, FeatureReader(cache, selection))
         return self._caches[cache_url]

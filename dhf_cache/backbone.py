@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dhf_cache.config import ModelIdentity
-from dhf_cache.errors import ModelNotFoundError, UsageError
+from dhf_cache.errors import ModelNotFoundError, UsageError, first_line
 
 T = TypeVar("T")
 
@@ -203,7 +203,7 @@ def load_hub_id(model: str, load: Callable[[bool], T], download: str,
     """`load(local_files_only)` of a hub id, for every source family: the local Hugging Face
     cache first, then the Hub unless HF_HUB_OFFLINE is set or it cannot be reached. Nothing
     found: ModelNotFoundError listing what was tried and the `hf download` command to run."""
-    why = why or _first_line
+    why = why or first_line
     tried = [f"local directory {Path(model).expanduser().resolve()} (does not exist)"]
     try:
         return load(True)
@@ -231,11 +231,6 @@ def _hf_cache_dir() -> str:
         return str(HF_HUB_CACHE)
     except ImportError:  # pragma: no cover - huggingface_hub always ships with diffusers
         return "~/.cache/huggingface/hub"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def local_snapshot(model: str) -> Path | None:

@@ -38,7 +38,7 @@ from dhf_cache.cache_meta import ArrayRule, check_array, check_root_meta
 from dhf_cache.config import FORMAT_VERSION, BuildSpec, source_kind
 from dhf_cache.direct_chunks import ChunkProblem, DirectArray, direct_array, read_chunk, write_chunk
 from dhf_cache.disk_space import bytes_per_image
-from dhf_cache.errors import CacheError, SpecMismatchError, UsageError, invalid_values
+from dhf_cache.errors import CacheError, SpecMismatchError, UsageError, first_line, invalid_values
 from dhf_cache.layers import LayerInfo
 from dhf_cache import quant8  # noqa: F401  (registers the quant8 codec, so quant8 caches open)
 from dhf_cache.fingerprint import spec_differences, spec_fingerprints
@@ -173,7 +173,7 @@ class FeatureCache:
                 if sub in members and not hasattr(members[sub], "dtype"):
                     members.update({f"{sub}/{name}": node for name, node in members[sub].members()})
         except (ValueError, KeyError, TypeError) as exc:
-            raise CacheError(f"{self.url}: unreadable array metadata ({_first_line(exc)}); the cache's metadata is "
+            raise CacheError(f"{self.url}: unreadable array metadata ({first_line(exc)}); the cache's metadata is "
                              "damaged: rebuild into a new --cache") from None
         paths = ["image_ids"] + [p for p in self._contract_paths() if p != "image_ids"]
         for path in paths:
@@ -263,8 +263,8 @@ class FeatureCache:
                 cache = open_source(root, url, name, names)
                 cache.check_spec(spec, layers)
             else:
-                if names:
-                    _check_same_images(url, {n: open_source(root, url, n, names) for n in names}, name, image_ids)
+                if names:  # every source covers the same images, so the first one stands for all
+                    _check_same_images(url, open_source(root, url, names[0], names), name, image_ids)
                 group = root.require_group(SOURCES).require_group(name)
                 if "dhf_cache" not in group.attrs.asdict():  # new, or a creation killed half-way
                     for child in list(group.keys()):
@@ -452,7 +452,7 @@ class FeatureCache:
         try:
             return array[: array.shape[0] if n is None else n]
         except (ValueError, RuntimeError, TypeError, IndexError) as exc:
-            raise CacheError(f"{self.url}: array {path} has a damaged chunk ({_first_line(exc)}); run "
+            raise CacheError(f"{self.url}: array {path} has a damaged chunk ({first_line(exc)}); run "
                              f"`dhf-cache verify --repair {self.url}`") from None
 
     def failures(self) -> list[dict[str, str]]:
@@ -548,7 +548,7 @@ class FeatureCache:
                 failure = exists if isinstance(exists, BaseException) else value
                 if isinstance(failure, storage_exceptions()):
                     raise failure  # the store failed, not the chunk: reported as a storage failure
-                raise self._damaged(index, name, f"chunk damaged ({type(failure).__name__}: {_first_line(failure)})")
+                raise self._damaged(index, name, f"chunk damaged ({type(failure).__name__}: {first_line(failure)})")
             if not exists:
                 raise self._damaged(index, name, "chunk missing")
             found[name] = value
@@ -679,10 +679,10 @@ def source_names(root, url: str) -> list[str]:
         for name, node in root[SOURCES].members():
             meta = node.attrs.asdict().get("dhf_cache")
             if isinstance(meta, dict) and not hasattr(node, "dtype"):
-                created = (meta.get("provenance") or {}).get("created_at", "") if isinstance(meta.get("provenance"), dict) else ""
-                found.append((str(created), name))
+                provenance = meta.get("provenance")
+                found.append((str(provenance.get("created_at", "") if isinstance(provenance, dict) else ""), name))
     except (ValueError, KeyError, TypeError) as exc:
-        raise CacheError(f"{url}: unreadable {SOURCES}/ metadata ({_first_line(exc)}); the cache's metadata is "
+        raise CacheError(f"{url}: unreadable {SOURCES}/ metadata ({first_line(exc)}); the cache's metadata is "
                          "damaged") from None
     return [name for _, name in sorted(found)]
 
@@ -696,10 +696,10 @@ def open_source(root, url: str, name: str, names: Sequence[str] | None = None) -
     return FeatureCache(root[SOURCES][name], url, name)
 
 
-def _check_same_images(url: str, sources: dict[str, FeatureCache], name: str, image_ids: Sequence[str]) -> None:
-    """A source added to a cache covers exactly the images of the sources it already holds, so
-    maps of every source exist for every image (training and eval pair them by image id)."""
-    first, cache = next(iter(sources.items()))
+def _check_same_images(url: str, cache: FeatureCache, name: str, image_ids: Sequence[str]) -> None:
+    """A source added to a cache covers exactly the images of the source `cache` it already
+    holds, so maps of every source exist for every image (training and eval pair them by id)."""
+    first = cache.name
     held, wanted = set(cache.image_ids), set(image_ids)
     if held == wanted:
         return
@@ -718,7 +718,3 @@ def _unfinished_creation(group) -> bool:
     attribute without the `dhf_cache` one): it holds no image, so recreating it loses nothing."""
     return CREATING in group.attrs.asdict()
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

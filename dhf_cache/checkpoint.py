@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save
 
 from dhf_cache import __version__
 from dhf_cache.aggregator import AggregationNetwork
-from dhf_cache.errors import CheckpointError, DhfCacheError
+from dhf_cache.errors import CheckpointError, DhfCacheError, first_line
 from dhf_cache.fingerprint import sha256_of, spec_differences
 
 CHECKPOINT_FORMAT = 1
@@ -410,7 +410,7 @@ def checkpoint_problem(directory: Path) -> str | None:
             with safe_open(str(path), "pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            return f"{path}: truncated or damaged ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+            return f"{path}: truncated or damaged ({first_line(exc, None)})"
         if name in recorded and _file_sha256(path) != recorded[name]:
             return f"{path}: its sha256 differs from the one state.json records (the file is damaged)"
     return None
@@ -484,7 +484,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, directory: Path, stat
             per_param.setdefault(int(pid), {})[name] = value
         optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc)
         raise CheckpointError(f"{path}: does not fit the network's optimizer ({detail}); "
                               "this checkpoint cannot be resumed") from None
 

@@ -27,6 +27,13 @@ def invalid_values(exc: Exception) -> str:
     return "; ".join(parts) or str(exc)
 
 
+def first_line(exc: BaseException, limit: int | None = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's
+    name when it has none: what one-line errors quote of a library's multi-line message."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__
+
+
 class DhfCacheError(Exception):
     """Root of every error dhf-cache reports to a user."""
 

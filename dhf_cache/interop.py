@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dhf_cache.aggregator import AggregationNetwork
-from dhf_cache.errors import DhfCacheError, ReferenceCheckpointError
+from dhf_cache.errors import DhfCacheError, ReferenceCheckpointError, first_line
 from dhf_cache.layers import LayerInfo
 
 REFERENCE_NUM_GROUPS = 32  # GroupNorm groups of every released network (not stored in the file)
@@ -308,6 +308,6 @@ def load_reference_aggregator(
         )
         net.load_state_dict(converted, strict=True)
     except (DhfCacheError, RuntimeError) as exc:  # e.g. a projection dim GroupNorm(32) cannot split
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = first_line(exc, None)
         raise ReferenceCheckpointError(f"{path}: the reference network cannot be rebuilt ({detail})") from None
     return net, config

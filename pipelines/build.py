@@ -166,13 +166,12 @@ def _load_dinov2_extractor(request: BuildRequest, device: torch.device, dtype_na
     if request.prompts is not None:
         raise UsageError("--generate needs a diffusion model; DINOv2 reads images (--dataset)")
     backbone = load_dinov2(request.model, DTYPES[dtype_name])
-    identity = backbone.identity()  # hashed on the CPU, rounded to fp16
+    backbone.identity()  # hashed on the CPU (rounded to fp16) before the move; kept for the spec
     backbone.to(device)
     layers = resolve_dinov2_layers(backbone, request.layers)
     space = feature_space(backbone, layers, request.preprocessing.image_size)
     spec = BuildSpec(feature_space=space, preprocessing=request.preprocessing, compute=ComputeSpec(dtype=dtype_name),
                      storage=request.storage)
-    assert space.model == identity
     return Dinov2Extractor(backbone, space, request.preprocessing, device), spec
 
 
@@ -189,24 +188,38 @@ def _load_sdxl_extractor(request: BuildRequest, device: torch.device, dtype_name
     return sdxl_extractor_class()(backbone, spec.feature_space, spec.preprocessing, device, DTYPES[dtype_name]), spec
 
 
-def extractor_for_spec(model: str, spec: BuildSpec, device: torch.device):
-    """The extractor of an existing source's spec on another process (a dask worker): the model
-    loaded as a build loads it, refused when its weights are not the spec's."""
+def extractor_for_spec(model: str, spec: BuildSpec, device: torch.device, who: str = ""):
+    """The extractor of an existing source's spec in another process (a dask worker), for any
+    family: the model loaded, refused when its weights are not the spec's, and the extractor
+    made from the cache's own spec (generation settings and all)."""
     from dhf_cache.config import source_kind
     from dhf_cache.errors import SpecMismatchError
 
-    family = source_kind(spec)
-    layers = ",".join(spec.feature_space.layers)
-    request = BuildRequest(dataset=None, cache_url="", model=model, family=family, layers=layers, dtype=spec.compute.dtype,
-                           preprocessing=spec.preprocessing, storage=spec.storage,
-                           **({} if family == "dinov2" else {"steps": spec.feature_space.steps,
-                                                             "save_steps": spec.feature_space.save_steps}))
-    loader = {"dinov2": _load_dinov2_extractor, "sdxl": _load_sdxl_extractor}[family]
-    extractor, loaded = loader(request, device, spec.compute.dtype)
-    if loaded.feature_space.model != spec.feature_space.model:
-        raise SpecMismatchError(f"--model {model} loads weights that differ from the cache's {family} model; "
+    family, dtype = source_kind(spec), DTYPES[spec.compute.dtype]
+    if family == "dinov2":
+        from dhf_cache.sources.dinov2 import Dinov2Extractor, load_dinov2
+
+        backbone = load_dinov2(model, dtype)
+        identity = backbone.identity()
+    elif family == "sdxl":
+        from dhf_cache.sources.sdxl import load_sdxl, model_identity
+
+        backbone = load_sdxl(model, dtype)
+        identity = model_identity(backbone)
+    else:
+        backbone = load_backbone(model, dtype)
+        identity = backbone.identity
+    if identity != spec.feature_space.model:  # hashed on the CPU, before the move
+        raise SpecMismatchError(f"{who}--model {model} loads weights that differ from the cache's model; "
                                 "give every worker the same model", ["feature_space.model"])
-    return extractor
+    backbone.to(device)
+    if family == "dinov2":
+        return Dinov2Extractor(backbone, spec.feature_space, spec.preprocessing, device)
+    if family == "sdxl":
+        from dhf_cache.sources.sdxl import sdxl_extractor_class
+
+        return sdxl_extractor_class()(backbone, spec.feature_space, spec.preprocessing, device, dtype)
+    return FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, dtype)
 
 
 FAMILIES = ("sd", "sdxl", "dinov2")
@@ -227,20 +240,21 @@ def model_family(model: str, family: str = "auto") -> str:
         from dhf_cache.backbone import local_snapshot
 
         folder = local_snapshot(model) or folder
-    if (folder / "model_index.json").is_file():
+
+    def field(file: str, key: str) -> str | None:  # None: no such file; "" when unreadable
+        path = folder / file
+        if not path.is_file():
+            return None
         try:
-            pipeline = str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+            return str(json.loads(path.read_text()).get(key, ""))
         except (OSError, ValueError, AttributeError):
-            pipeline = ""
+            return ""
+
+    pipeline = field("model_index.json", "_class_name")
+    if pipeline is not None:
         return "sdxl" if "XL" in pipeline else "sd"
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            model_type = json.loads(config.read_text()).get("model_type", "")
-        except (OSError, ValueError, AttributeError):
-            model_type = ""
-        if str(model_type).startswith("dinov2"):
-            return "dinov2"
+    if (field("config.json", "model_type") or "").startswith("dinov2"):
+        return "dinov2"
     name = model.lower()
     return "dinov2" if "dinov2" in name else "sdxl" if "xl" in name.split("/")[-1] else "sd"
 

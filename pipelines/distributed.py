@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dhf_cache.config import BuildOptions, BuildSpec, source_kind
+from dhf_cache.config import BuildOptions, BuildSpec
 from dhf_cache.datasets import ImageRecord
 from dhf_cache.disk_space import check_free_space
 from dhf_cache.errors import UsageError
@@ -39,34 +39,19 @@ def _worker_extractor(job: dict):
     """Load the model once per worker (per model, spec and device) and check it is the spec's."""
     import torch
 
-    from dhf_cache.backbone import DTYPES, load_backbone
     from dhf_cache.device import resolve_device, spread_device
-    from dhf_cache.errors import SpecMismatchError
-    from dhf_cache.extract import FeatureExtractor
+    from dhf_cache.pipelines.build import extractor_for_spec
 
     device_name = spread_device(job["device"], _local_worker_index() if job.get("spread_gpus") else None)
     key = (job["model"], job["spec_fingerprint"], device_name)
     if key not in _WORKER_EXTRACTORS:
         if job.get("threads"):
             torch.set_num_threads(job["threads"])
-        spec = BuildSpec.model_validate(job["spec"])
-        dtype = DTYPES[spec.compute.dtype]
-        if source_kind(spec) != "sd":  # SDXL, DINOv2: the same loading as a local build, checked below
-            from dhf_cache.pipelines.build import extractor_for_spec
-
-            _WORKER_EXTRACTORS[key] = extractor_for_spec(job["model"], spec, resolve_device(device_name))
-            return _WORKER_EXTRACTORS[key]
-        backbone = load_backbone(job["model"], dtype)
-        if backbone.identity != spec.feature_space.model:
-            raise SpecMismatchError(
-                f"worker {os.uname().nodename}: --model {job['model']} loads weights that differ from the cache's "
-                "model; give every worker the same model", ["feature_space.model"],
-            )
         device = resolve_device(device_name)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # stray default-device work (and the context) on this GPU, not GPU 0
-        backbone.to(device)
-        _WORKER_EXTRACTORS[key] = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, dtype)
+        _WORKER_EXTRACTORS[key] = extractor_for_spec(job["model"], BuildSpec.model_validate(job["spec"]), device,
+                                                     who=f"worker {os.uname().nodename}: ")
     return _WORKER_EXTRACTORS[key]
 
 

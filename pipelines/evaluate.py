@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache import FeatureCache, open_root, open_source, source_names
 from dhf_cache.checkpoint import (Checkpoint, check_features_match, checkpoint_selection, checkpoint_source,
                                   load_checkpoint)
 from dhf_cache.config import EVAL_LOAD_SIZE, MAX_LOAD_SIZE, MIN_LOAD_SIZE, PCK_ALPHAS
@@ -210,14 +210,15 @@ def _open_caches(request: EvalRequest) -> dict[str, FeatureCache]:
         named = checkpoint_source(request.checkpoint) or ""
         if "," in named:
             names = named.split(",")
-            first = _open_cache(dataclasses.replace(request, source=names[0]))
-            others = FeatureCache.open_all(request.cache_url, request.storage_options)
-            missing = [n for n in names if n not in others]
+            root = open_root(request.cache_url, request.storage_options)  # the names held, before opening any
+            held = source_names(root, request.cache_url)
+            missing = [n for n in names if n not in held]
             if missing:
                 raise CheckpointError(f"--checkpoint {request.checkpoint} fuses maps of sources {', '.join(names)}; "
                                       f"the cache {request.cache_url} lacks {', '.join(missing)} (it holds "
-                                      f"{', '.join(others)}): build them with `dhf-cache build --source NAME`")
-            return {n: first if n == names[0] else others[n] for n in names}
+                                      f"{', '.join(held)}): build them with `dhf-cache build --source NAME`")
+            first = _open_cache(dataclasses.replace(request, source=names[0]))  # writable: descriptors go here
+            return {names[0]: first, **{n: open_source(root, request.cache_url, n, held) for n in names[1:]}}
     if request.raw is not None and "+" in request.raw:
         everything = FeatureCache.open_all(request.cache_url, request.storage_options)
         names = []
@@ -267,8 +268,8 @@ def _fused_raw_provider(caches: dict[str, FeatureCache], parts) -> Callable[[str
     """The zero-shot fusion of SD+DINO (Zhang et al. 2023): each map L2-normalised over its
     channels at every pixel, resized to the largest map's grid (bilinear), then concatenated;
     matching's cosine similarity then weighs every map equally."""
-    side = max(max(c.layers[[l.name for l in c.layers].index(layer)].height, c.layers[[l.name for l in c.layers].index(layer)].width)
-               for c, layer, _ in parts)
+    shapes = [{l.name: l for l in cache.layers}[layer] for cache, layer, _ in parts]
+    side = max(max(info.height, info.width) for info in shapes)
     indexes = {id(c): c.index_of() for c, _, _ in parts}
 
     def compute(image_id: str) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 
 from dhf_cache.backbone import load_hub_id, weights_sha256
 from dhf_cache.config import Dinov2FeatureSpace, Dinov2Identity, check_image_size
-from dhf_cache.errors import ModelNotFoundError, UsageError
+from dhf_cache.errors import ModelNotFoundError, UsageError, first_line
 from dhf_cache.layers import LayerInfo
 
 DINOV2_MODEL_ID = "facebook/dinov2-base"
@@ -182,7 +182,7 @@ def _read_config(model: str, file: Path) -> dict:
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelNotFoundError(f"--model {model}: {file} cannot be read as JSON ({_first_line(exc)})") from None
+        raise ModelNotFoundError(f"--model {model}: {file} cannot be read as JSON ({first_line(exc)})") from None
     if not isinstance(config, dict):
         raise ModelNotFoundError(f"--model {model}: {file} is not a JSON object")
     return config
@@ -273,13 +273,8 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, RuntimeError) and "mismatched_sizes" in str(exc):
         return "its weights' shapes do not fit its config.json"
     if isinstance(exc, SafetensorError):
-        return f"corrupt safetensors file ({_first_line(exc)})"
-    return _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+        return f"corrupt safetensors file ({first_line(exc)})"
+    return first_line(exc)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch import nn
 from dhf_cache.backbone import load_hub_id, quiet_libraries, read_prediction_type, weights_sha256
 from dhf_cache.capture import resnet_names
 from dhf_cache.config import Frozen
-from dhf_cache.errors import ModelNotFoundError, UsageError
+from dhf_cache.errors import ModelNotFoundError, UsageError, first_line
 from dhf_cache.tiny_model import TINY_TEXT_CONFIG, TINY_VAE_CONFIG, build_tokenizer
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -283,16 +283,11 @@ def load_sdxl(model: str, dtype: torch.dtype = torch.float32) -> SdxlBackbone:
             return _load_components(model, str(path), True, dtype)
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"--model {model}: could not load the SDXL pipeline in {path}: "
-                                     f"{_first_line(exc)}") from None
+                                     f"{first_line(exc)}") from None
     if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an org/name id
         raise ModelNotFoundError(f"--model {model}: no such directory. Pass an existing pipeline directory or a hub id.")
     return load_hub_id(model, lambda local_only: _load_components(model, model, local_only, dtype),
                        sdxl_download_command(model))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- conditioning

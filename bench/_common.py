@@ -23,7 +23,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     """CPU model, cores, torch/zarr versions and (on CUDA) the GPU: printed with every figure."""
     import torch
 
-    from dhf_cache.feature_loader import usable_cores
+    from dhf_cache.cache.feature_loader import usable_cores
 
     cpu = platform.processor() or "unknown"
     try:

@@ -152,7 +152,7 @@ def prepare_images(work: Path, n_images: int, seed: int):
     """Sample data in the SPair layout (real photographs, warped); `n_images` records spread
     over the categories."""
     from dhf_cache.datasets.spair import SPairDataset
-    from dhf_cache.sample_data import PHOTOS, write_sample_data
+    from dhf_cache.datasets.sample_data import PHOTOS, write_sample_data
 
     per_photo = max(6, math.ceil(n_images / len(PHOTOS)))
     views = {"trn": per_photo - 4, "val": 2, "test": 2}
@@ -170,7 +170,7 @@ def prepare_images(work: Path, n_images: int, seed: int):
 def tiny_extractor(args, work: Path, dataset, device: torch.device):
     from dhf_cache.config import Preprocessing
     from dhf_cache.pipelines.build import BuildRequest, load_extractor
-    from dhf_cache.tiny_model import write_tiny_model
+    from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
     model_dir = work / "tiny-model"
     if not (model_dir / "unet" / "config.json").is_file():
@@ -190,12 +190,14 @@ def sd15_extractor(args, dataset, device: torch.device):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dhf_cache.backbone import DTYPES, Backbone, quiet_libraries
-    from dhf_cache.capture import resolve_layers
+    from dhf_cache.sources.sd.backbone import Backbone
+
+    from dhf_cache.sources.loading import DTYPES, quiet_libraries
+    from dhf_cache.sources.sd.capture import resolve_layers
     from dhf_cache.config import ModelIdentity, Preprocessing
-    from dhf_cache.extract import FeatureExtractor
+    from dhf_cache.sources.sd.extract import FeatureExtractor
     from dhf_cache.pipelines.build import BuildRequest, make_spec
-    from dhf_cache.tiny_model import build_sd15_unet, build_tokenizer
+    from dhf_cache.sources.sd.tiny_model import build_sd15_unet, build_tokenizer
 
     quiet_libraries()
     dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
@@ -227,7 +229,7 @@ def sd15_extractor(args, dataset, device: torch.device):
 # ------------------------------------------------------------------------------------ whole processes
 def whole_process(args, work: Path, info: dict) -> int:
     """`dhf-cache build` vs bench/plain_build.py, each a whole process, quiet and loaded."""
-    from dhf_cache.tiny_model import write_tiny_model
+    from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
     _, records = prepare_images(work, args.images, args.seed)
     photos = work / "photos"
@@ -271,8 +273,8 @@ def whole_process(args, work: Path, info: dict) -> int:
 class Bench:
     def __init__(self, args, work: Path, extractor, spec, request, records):
         from dhf_cache.config import BuildOptions
-        from dhf_cache.images import load_image, preprocess
-        from dhf_cache.pipelines.build import _batch_groups, _latent_shape
+        from dhf_cache.datasets.images import load_image, preprocess
+        from dhf_cache.pipelines.build import batch_groups, _latent_shape
 
         self.args = args
         self.work = work
@@ -294,7 +296,7 @@ class Bench:
         index = {r.id: i for i, r in enumerate(records)}
         pre = extractor.preprocessing
         self.batches = []
-        for group in _batch_groups(records, index, args.batch_size):
+        for group in batch_groups(records, index, args.batch_size):
             pixels = torch.stack([preprocess(load_image(r.path), pre.load_size, pre.image_size) for r in group])
             self.batches.append((pixels, [r.id for r in group]))
         # The extractor registered its hooks when it was made; the bare runs must have none.
@@ -313,7 +315,7 @@ class Bench:
         return None
 
     def _fresh_cache(self):
-        from dhf_cache.cache import FeatureCache
+        from dhf_cache.cache.feature_cache import FeatureCache
 
         url = self.work / "caches" / f"build-{self.n_caches}"
         self.n_caches += 1
@@ -327,7 +329,7 @@ class Bench:
 
     def run_build(self, timers: Timers | None = None) -> dict:
         """One real build into a fresh cache; `timers` instruments it (breakdown run only)."""
-        from dhf_cache.capture import FeatureCapture
+        from dhf_cache.sources.sd.capture import FeatureCapture
         from dhf_cache.pipelines.build import build_images
 
         cache, url, prepare_s = self._fresh_cache()
@@ -354,7 +356,7 @@ class Bench:
 
     def run_bare(self, timers: Timers | None = None) -> dict:
         """The same VAE encodes and UNet calls as the build, with nothing captured or written."""
-        from dhf_cache.inversion import ddim_inversion_step
+        from dhf_cache.sources.sd.inversion import ddim_inversion_step
 
         n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.unet.modules())
         if n_hooks:
@@ -389,9 +391,9 @@ class Bench:
         import zarr.codecs.zstd as zzstd
         import zarr.storage._local as zlocal
 
-        import dhf_cache.extract as extract_mod
+        import dhf_cache.sources.sd.extract as extract_mod
         import dhf_cache.pipelines.build as build_mod
-        from dhf_cache.capture import FeatureCapture
+        from dhf_cache.sources.sd.capture import FeatureCapture
 
         ext, sync = self.extractor, self.sync
         patches.set(build_mod, "load_image", timers.wrap("load: decode", build_mod.load_image))
@@ -417,8 +419,8 @@ class Bench:
         patches.set(zcrc.Crc32cCodec, "_encode_sync",
                     timers.wrap("writer: crc32c", zcrc.Crc32cCodec._encode_sync, group=io))
         patches.set(zlocal, "_put", timers.wrap("writer: file writes", zlocal._put, group=io))
-        # local default-codec feature chunks skip zarr's codecs (dhf_cache/direct_chunks.py): the same pieces
-        import dhf_cache.direct_chunks as direct_mod
+        # local default-codec feature chunks skip zarr's codecs (dhf_cache/cache/direct_chunks.py): the same pieces
+        import dhf_cache.cache.direct_chunks as direct_mod
 
         patches.set(direct_mod, "zstd_compress", timers.wrap("writer: zstd", direct_mod.zstd_compress, group=io))
         patches.set(direct_mod, "crc32c_bytes", timers.wrap("writer: crc32c", direct_mod.crc32c_bytes, group=io))

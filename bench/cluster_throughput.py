@@ -9,7 +9,7 @@
    before the clock starts, as a training run does once). Alongside, plain sequential reads of
    the same chunk files (`open().read()`, no decoding), as stored MB/s: the loader's
    stored-bytes rate over it is what decoding, checksums and tensors cost. Local reads take
-   dhf-cache's direct path (dhf_cache/direct_chunks.py); S3 reads go through zarr.
+   dhf-cache's direct path (dhf_cache/cache/direct_chunks.py); S3 reads go through zarr.
 
 The last line prints the 2-vs-1-worker ratio.
 """
@@ -49,8 +49,8 @@ def parse_args(argv=None):
 
 
 def prepare(work: Path, n_images: int):
-    from dhf_cache.sample_data import PHOTOS, write_sample_data
-    from dhf_cache.tiny_model import write_tiny_model
+    from dhf_cache.datasets.sample_data import PHOTOS, write_sample_data
+    from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
     model = work / "tiny"
     if not (model / "model_index.json").exists():
@@ -130,8 +130,8 @@ def start_s3(root: Path):
 
 
 def read_pass(url: str, options: dict) -> tuple[float, int]:
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.feature_loader import FeatureReader, Prefetcher, select_features
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.cache.feature_loader import FeatureReader, Prefetcher, select_features
 
     cache = FeatureCache.open(url, options)
     reader = FeatureReader(cache, select_features(cache))

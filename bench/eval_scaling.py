@@ -5,8 +5,8 @@ post-ReLU like the aggregator's output) for `--images` images, written into a ca
 `DescriptorStore` exactly as `dhf-cache eval` stores them, and random `PairRecord`s (10-20
 keypoints, SPair-like image sizes and boxes) spread over 18 categories. Every timed run takes
 the real path of `dhf-cache eval --checkpoint`: the provider from
-`pipelines.evaluate._checkpoint_descriptors` (an `LRUDescriptors` over `DescriptorStore.read`,
-all images already stored so nothing is computed), then `score_pairs` and the PCK summary.
+`pipelines.evaluate._checkpoint_descriptors` once every descriptor is stored (an `LRUDescriptors`
+over `DescriptorStore.read`, nothing computed), then `score_pairs` and the PCK summary.
 
     series P   fixed images, growing pairs (e.g. 250, 1,000, 12,234 = SPair's test size)
     series I   fixed pairs, growing images
@@ -95,10 +95,10 @@ class Synthetic:
     """Image ids, sizes and boxes; descriptor maps stored in a cache; pair lists on demand."""
 
     def __init__(self, args, work: Path):
-        from dhf_cache.cache import FeatureCache
+        from dhf_cache.cache.feature_cache import FeatureCache
         from dhf_cache.config import BuildSpec, FeatureSpace, ModelIdentity
-        from dhf_cache.descriptor_store import DescriptorStore
-        from dhf_cache.layers import LayerInfo
+        from dhf_cache.cache.descriptor_store import DescriptorStore
+        from dhf_cache.cache.layers import LayerInfo
 
         self.args = args
         rng = np.random.default_rng(args.seed)
@@ -124,7 +124,7 @@ class Synthetic:
                                           latent_shape=(4, 1, 1), provenance={"bench": "eval_scaling"})
         self.index = self.cache.index_of()
         # the checkpoint stand-in: what `_checkpoint_descriptors` reads off a loaded checkpoint
-        from dhf_cache.aggregator import AggregationNetwork
+        from dhf_cache.aggregator.network import AggregationNetwork
 
         net = AggregationNetwork([LayerInfo(LAYER, 4, 1, 1)], 1, args.dim, args.grid, num_groups=min(8, args.dim // 4))
         self.checkpoint = SimpleNamespace(network=net, fingerprint="synthetic-eval-scaling-" + "0" * 40,
@@ -181,15 +181,19 @@ class Synthetic:
         return out
 
     def provider(self, pairs):
-        """What `dhf-cache eval --checkpoint` scores with: `_checkpoint_descriptors`'s provider."""
-        from dhf_cache.pipelines.evaluate import EvalRequest, _checkpoint_descriptors
+        """What `dhf-cache eval --checkpoint` scores with once every descriptor is stored: the
+        same provider `_checkpoint_descriptors` returns (an LRU over `DescriptorStore.read`, sized
+        as it sizes it)."""
+        import numpy as np
 
-        request = EvalRequest(cache_url=self.cache.url, dataset="synthetic", out=Path("unused"),
-                              checkpoint=Path("synthetic"), load_size=self.args.load_size, progress=False)
-        provider, counts, _ = _checkpoint_descriptors(self.checkpoint, self.cache, pairs, request, lambda _: None)
-        if counts["computed"]:
-            raise SystemExit(f"the synthetic store lacks descriptors: {counts}")
-        return provider
+        from dhf_cache.correspondence.descriptors import LRUDescriptors
+
+        needed = {i for p in pairs for i in (p.src, p.trg)}
+        done = self.store.done_mask()
+        if not all(done[self.index[i]] for i in needed):
+            raise SystemExit("the synthetic store lacks descriptors")
+        capacity = max(64, (2 << 30) // (4 * int(np.prod(self.store.shape))))
+        return LRUDescriptors(lambda image_id: self.store.read(self.index[image_id]), capacity=capacity)
 
 
 def _stored_bytes(folder: Path) -> int:
@@ -202,14 +206,25 @@ ALPHAS = (0.05, 0.1, 0.15)  # dhf-cache eval's default
 
 def run_library(syn: Synthetic, pairs, workers: int | None = None) -> dict:
     """One eval-like run: fresh provider (nothing read yet), score_pairs, PCK summary."""
-    from dhf_cache.scoring import score_pairs
+    from dhf_cache.correspondence.scoring import score_pairs
 
     start = time.perf_counter()
     provider = syn.provider(pairs)
     acc, preds = score_pairs(pairs, provider, syn.args.load_size, ALPHAS, workers=workers)
     summary = acc.summary()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "pairs": len(pairs), "images": len({i for p in pairs for i in (p.src, p.trg)}),
+    # what eval adds since issue 16: the convention matrix and the bootstrapped headline with
+    # its breakdowns, from the same predictions (timed apart, so the ratio to the headline is plain)
+    from dhf_cache.correspondence.conventions import PairTable, convention_matrix, headline_tables
+
+    t0 = time.perf_counter()
+    table = PairTable(acc.pairs)
+    convention_matrix(table, ALPHAS)
+    t1 = time.perf_counter()
+    headline_tables(table, "bbox", "<=", 0.1, ("per_point",))
+    t2 = time.perf_counter()
+    return {"seconds": seconds, "matrix_seconds": t1 - t0, "bootstrap_seconds": t2 - t1,
+            "pairs": len(pairs), "images": len({i for p in pairs for i in (p.src, p.trg)}),
             "targets": len({p.trg for p in pairs}), "descriptor_reads": provider.computed,
             "keypoints": int(sum(len(p.src_kps) for p in pairs)),
             "pck_bbox_0.1": summary["bbox@0.1"]["per_point"], "predictions": preds}
@@ -222,7 +237,7 @@ def _row(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------ breakdown
 class _TimedF:
-    """Stands in for `torch.nn.functional` inside dhf_cache.scoring: times `interpolate` calls
+    """Stands in for `torch.nn.functional` inside dhf_cache.correspondence.scoring: times `interpolate` calls
     made on similarity maps (one channel), delegates everything else."""
 
     def __init__(self, timers: Timers):
@@ -241,19 +256,19 @@ def run_breakdown(syn: Synthetic, pairs) -> dict:
     """The library path with timers around each piece (same code, wrapped in this process only),
     with one scoring worker so that the pieces add up to the wall time.
 
-    `score_pairs` (dhf_cache/scoring.py) per target: prepare_target, then for each pair the
-    source rows (`_source_px`, `_lookup`, normalise), then one `_match_rows` over all of the
-    target's keypoints (s.T matmul per pair, upsample, x inv_norm, `_peaks`), then mapping back
+    `score_pairs` (dhf_cache/correspondence/scoring.py) per target: prepare_target, then for each pair the
+    source rows (`source_px`, `lookup`, normalise), then one `_match_rows` over all of the
+    target's keypoints (s.T matmul per pair, upsample, x inv_norm, `peaks`), then mapping back
     and the PCK bookkeeping."""
-    import dhf_cache.scoring as scoring
-    from dhf_cache.descriptor_store import DescriptorStore
-    from dhf_cache.pck import PCKAccumulator
+    import dhf_cache.correspondence.scoring as scoring
+    from dhf_cache.cache.descriptor_store import DescriptorStore
+    from dhf_cache.correspondence.pck import PCKAccumulator
 
     timers = Timers()
-    original_peaks = scoring._peaks
+    original_peaks = scoring.peaks
 
     def timed_peaks(sim, refine, load_size):
-        with timers.time("argmax (_peaks)"):
+        with timers.time("argmax (peaks)"):
             return original_peaks(sim, refine, load_size)
 
     base_matmul, base_mul_ = torch._C.TensorBase.__matmul__, torch._C.TensorBase.mul_
@@ -273,11 +288,11 @@ def run_breakdown(syn: Synthetic, pairs) -> dict:
         patches.set(DescriptorStore, "read", timers.wrap("descriptor reads (DescriptorStore.read)", DescriptorStore.read))
         patches.set(scoring, "prepare_target", timers.wrap("prepare_target (norm map, once per target)", scoring.prepare_target))
         patches.set(scoring, "_source_rows", timers.wrap("source rows (all)", scoring._source_rows))
-        patches.set(scoring, "_lookup", timers.wrap("source descriptor lookup (_lookup)", scoring._lookup))
-        patches.set(scoring, "_source_px", timers.wrap("keypoints to load pixels", scoring._source_px))
+        patches.set(scoring, "lookup", timers.wrap("source descriptor lookup (lookup)", scoring.lookup))
+        patches.set(scoring, "source_px", timers.wrap("keypoints to load pixels", scoring.source_px))
         patches.set(scoring, "_match_rows", timers.wrap("match rows (all)", scoring._match_rows))
-        patches.set(scoring, "_peaks", timed_peaks)
-        patches.set(scoring, "_to_original", timers.wrap("map back to original pixels", scoring._to_original))
+        patches.set(scoring, "peaks", timed_peaks)
+        patches.set(scoring, "to_original", timers.wrap("map back to original pixels", scoring.to_original))
         patches.set(scoring, "F", _TimedF(timers))
         patches.set(torch.Tensor, "__matmul__", timed_matmul)
         patches.set(torch.Tensor, "mul_", timed_mul_)
@@ -286,13 +301,13 @@ def run_breakdown(syn: Synthetic, pairs) -> dict:
         result = run_library(syn, pairs, workers=1)
     s = timers.seconds
     in_match = ("s.T matmul (K x P x h*w)", "upsample similarity maps to load size", "x inv_norm at load size",
-                "argmax (_peaks)")
+                "argmax (peaks)")
     pieces = {
         "descriptor reads (DescriptorStore.read)": s["descriptor reads (DescriptorStore.read)"],
         "prepare_target (norm map, once per target)": s["prepare_target (norm map, once per target)"],
         "keypoints to load pixels": s["keypoints to load pixels"],
-        "source descriptor lookup (_lookup)": s["source descriptor lookup (_lookup)"],
-        "source rows: normalise, checks": s["source rows (all)"] - s["source descriptor lookup (_lookup)"],
+        "source descriptor lookup (lookup)": s["source descriptor lookup (lookup)"],
+        "source rows: normalise, checks": s["source rows (all)"] - s["source descriptor lookup (lookup)"],
         **{k: s[k] for k in in_match},
         "rest of _match_rows (cat, chunking)": s["match rows (all)"] - sum(s[k] for k in in_match),
         "map back to original pixels": s["map back to original pixels"],
@@ -334,7 +349,7 @@ def agreement(a: list, b: list) -> float:
 def run_naive(syn: Synthetic, pairs) -> dict:
     """The per-pair protocol: both descriptors read per pair (nothing kept), both maps upsampled
     in full to the load size, `match_points_reference`."""
-    from dhf_cache.matching import match_points_reference
+    from dhf_cache.correspondence.matching import match_points_reference
 
     preds = []
     start = time.perf_counter()
@@ -347,7 +362,7 @@ def run_naive(syn: Synthetic, pairs) -> dict:
 
 # ------------------------------------------------------------------------------------ main
 def _scoring_workers() -> tuple[int, int]:
-    from dhf_cache.scoring import scoring_workers
+    from dhf_cache.correspondence.scoring import scoring_workers
 
     return scoring_workers()
 
@@ -407,6 +422,9 @@ def main(argv=None) -> int:
             series_p.append(r)
             if n == SPAIR_TEST_PAIRS:
                 full = r
+            print(f"    + convention matrix {r['matrix_seconds']:.2f} s, bootstrapped headline with breakdowns "
+                  f"{r['bootstrap_seconds']:.2f} s: whole / headline-only "
+                  f"{(r['seconds'] + r['matrix_seconds'] + r['bootstrap_seconds']) / r['seconds']:.3f}", flush=True)
         fit = fit_linear(series_i + series_p)
         if fit:
             print(f"  least squares over the library runs: seconds ~ {fit['seconds_per_image'] * 1000:.1f} ms x images "

@@ -83,8 +83,8 @@ def fmt_mb(mb: float | None) -> str:
 
 
 def unet_call(args, device: torch.device, memory: GpuMemory) -> dict:
-    from dhf_cache.backbone import quiet_libraries
-    from dhf_cache.tiny_model import build_sd15_unet
+    from dhf_cache.sources.loading import quiet_libraries
+    from dhf_cache.sources.sd.tiny_model import build_sd15_unet
 
     quiet_libraries()  # diffusers' note about casting with .to() says nothing here
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -112,7 +112,7 @@ def unet_call(args, device: torch.device, memory: GpuMemory) -> dict:
 
 
 def network(args, device: torch.device, memory: GpuMemory) -> dict:
-    from dhf_cache.aggregator import AggregationNetwork
+    from dhf_cache.aggregator.network import AggregationNetwork
     from dhf_cache.pipelines.train import StepInputs, _Example, _train_step
 
     layers = sd15_layers()
@@ -194,8 +194,8 @@ def input_transfer(names, feats, device: torch.device, repeats: int = 5) -> dict
 def loader_widths(url: Path, raw_bytes: int, reads: int = 16) -> list[dict]:
     """Images/s of the training loader (Prefetcher over FeatureReader) at 1, 2 and the default
     number of reader threads: how far a many-core GPU host keeps up with the network step."""
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.feature_loader import FeatureReader, Prefetcher, default_loader_workers, select_features
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.cache.feature_loader import FeatureReader, Prefetcher, default_loader_workers, select_features
 
     cache = FeatureCache.open(str(url))
     reader = FeatureReader(cache, select_features(cache))

@@ -19,10 +19,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
-from dhf_cache.aggregator import AggregationNetwork  # noqa: E402  (the network and loss being timed)
+from dhf_cache.aggregator.network import AggregationNetwork  # noqa: E402  (the network and loss being timed)
 from dhf_cache.datasets import open_dataset  # noqa: E402
-from dhf_cache.layers import LayerInfo  # noqa: E402
-from dhf_cache.losses import grid_keypoints, symmetric_ce_loss  # noqa: E402
+from dhf_cache.cache.layers import LayerInfo  # noqa: E402
+from dhf_cache.aggregator.losses import grid_keypoints, symmetric_ce_loss  # noqa: E402
 
 IMPORTED = time.perf_counter()
 

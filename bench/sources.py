@@ -27,13 +27,13 @@ import _common  # noqa: F401  (sets the benchmark's thread and OpenMP environmen
 import torch
 from _common import describe_machine, machine_info, median, peak_rss_mb, work_folder, write_json
 
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.config import BuildOptions, Preprocessing, TrainOptions
 from dhf_cache.datasets import open_dataset
-from dhf_cache.images import load_image
+from dhf_cache.datasets.images import load_image
 from dhf_cache.pipelines.build import BuildRequest, build_images, load_extractor, open_build, plan_build
 from dhf_cache.pipelines.train import TrainRequest, run_train
-from dhf_cache.sample_data import PHOTOS, write_sample_data
+from dhf_cache.datasets.sample_data import PHOTOS, write_sample_data
 
 
 def quiet(_msg: str) -> None:
@@ -43,7 +43,7 @@ def quiet(_msg: str) -> None:
 def write_models(work: Path) -> dict[str, Path]:
     from dhf_cache.sources.dinov2 import write_tiny_dinov2
     from dhf_cache.sources.sdxl import write_tiny_sdxl
-    from dhf_cache.tiny_model import write_tiny_model
+    from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
     return {"sd": write_tiny_model(work / "sd", 0), "sdxl": write_tiny_sdxl(work / "sdxl", 0),
             "dinov2": write_tiny_dinov2(work / "dinov2", 0)}
@@ -78,7 +78,7 @@ def bare(extractor, pixels: torch.Tensor, ids: list[str], family: str) -> None:
         schedule = extractor.schedule
         last = max(extractor.save_positions)
         x = latents
-        from dhf_cache.inversion import ddim_inversion_step
+        from dhf_cache.sources.sd.inversion import ddim_inversion_step
 
         for k, t in enumerate(schedule.call_timesteps[: last + 1]):
             eps = extractor.unet_noise(x, t)  # the very call the build makes

@@ -7,7 +7,7 @@ For every codec option the same stored features are re-encoded into a fresh cach
     zstd            lossless (the default), zstd level 3 + crc32c
     bitround K      mantissa rounded to K of fp16's 10 bits, then zstd + crc32c (K = 7, 5, 3, 2)
     quant8          each (timestep, channel) map as uint8 codes with an fp32 minimum and step,
-                    then zstd + crc32c (dhf_cache/quant8.py)
+                    then zstd + crc32c (dhf_cache/cache/quant8.py)
 
 Two sources of features:
 - the demo's cache (tiny model, 64 px, 50 steps, 11 saved: `dhf-cache demo`'s own cache,
@@ -95,9 +95,9 @@ def merge_errors(parts: list[dict], weights: list[int]) -> dict:
 def reencode(source, url: str, codec: dict, images: list[tuple[int, object]]) -> dict:
     """Write `images` (index, ExtractedImage) into a fresh cache with `codec`; time writes and
     reads; measure bytes and errors."""
-    from dhf_cache.cache import FEATURES, FeatureCache
+    from dhf_cache.cache.feature_cache import FEATURES, FeatureCache
     from dhf_cache.config import CodecSpec
-    from dhf_cache.storage import stored_bytes
+    from dhf_cache.cache.storage import stored_bytes
 
     spec = source.spec
     storage = spec.storage.model_copy(update={"codec": CodecSpec(**codec)})
@@ -122,8 +122,8 @@ def reencode(source, url: str, codec: dict, images: list[tuple[int, object]]) ->
 
 
 def demo_part(args, work: Path, log) -> tuple[list[dict], dict]:
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.extract import ExtractedImage
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.sources.sd.extract import ExtractedImage
     from dhf_cache.pipelines.demo import DemoPaths, run_demo
     from dhf_cache.pipelines.evaluate import EvalRequest, run_eval
 
@@ -160,8 +160,8 @@ def demo_part(args, work: Path, log) -> tuple[list[dict], dict]:
 def sd15_part(args, work: Path, log) -> tuple[list[dict], dict]:
     from build_overhead import sd15_extractor
 
-    from dhf_cache.images import load_image, preprocess
-    from dhf_cache.sample_data import write_sample_data
+    from dhf_cache.datasets.images import load_image, preprocess
+    from dhf_cache.datasets.sample_data import write_sample_data
 
     data = work / "sd15-data"
     if not (data / "JPEGImages").is_dir():
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     args.keepbits = tuple(int(k) for k in args.keepbits.split(",") if k)
     info = machine_info("cpu")
     print(describe_machine(info))
-    from dhf_cache.backbone import quiet_libraries
+    from dhf_cache.sources.loading import quiet_libraries
 
     quiet_libraries()
     log = lambda m: print(m, flush=True)  # noqa: E731

@@ -137,8 +137,8 @@ def prepare(args, work: Path):
     from dhf_cache.config import BuildOptions, Preprocessing
     from dhf_cache.datasets.spair import SPairDataset
     from dhf_cache.pipelines.build import BuildRequest, run_build
-    from dhf_cache.sample_data import write_sample_data
-    from dhf_cache.tiny_model import write_tiny_model
+    from dhf_cache.datasets.sample_data import write_sample_data
+    from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
     model_dir, data, cache_url = work / "tiny-model", work / "data", work / "cache"
     timings = {}
@@ -163,9 +163,9 @@ class Setting:
     """What both variants share: pairs, schedule, cache reader, preprocessed pixels, extractor."""
 
     def __init__(self, args, dataset, request, cache_url: str):
-        from dhf_cache.cache import FeatureCache
-        from dhf_cache.feature_loader import FeatureReader, select_features
-        from dhf_cache.images import load_image, preprocess
+        from dhf_cache.cache.feature_cache import FeatureCache
+        from dhf_cache.cache.feature_loader import FeatureReader, select_features
+        from dhf_cache.datasets.images import load_image, preprocess
         from dhf_cache.pipelines.build import load_extractor
         from dhf_cache.pipelines.train import PairSchedule, usable_pairs
 
@@ -185,7 +185,7 @@ class Setting:
         self.n_calls = max(self.extractor.save_positions) + 1
 
     def examples(self, step: int, grid: int):
-        from dhf_cache.losses import grid_keypoints
+        from dhf_cache.aggregator.losses import grid_keypoints
         from dhf_cache.pipelines.train import _Example
 
         out = []
@@ -195,7 +195,7 @@ class Setting:
         return out
 
     def network(self, size: tuple[int, int, int]):
-        from dhf_cache.aggregator import AggregationNetwork
+        from dhf_cache.aggregator.network import AggregationNetwork
 
         p, s, g = size
         torch.manual_seed(self.args.seed)
@@ -206,7 +206,7 @@ class Setting:
     def cache_block(self, net, opt, steps: list[int], grid: int) -> dict:
         """`len(steps)` real training steps, features through FeatureReader + Prefetcher as
         run_train's loop (a fresh Prefetcher, started inside the timed region)."""
-        from dhf_cache.feature_loader import Prefetcher
+        from dhf_cache.cache.feature_loader import Prefetcher
         from dhf_cache.pipelines.train import StepInputs, _train_step
 
         reader, index = self.reader, self.index
@@ -297,10 +297,10 @@ VARIANTS = ["real", "preloaded", "zarr reads"]
 def loader_share_child(spec_path: str) -> int:
     """Runs in a fresh process: run_train with the real loader, with preloaded features and with
     zarr-only reads, interleaved (ABC CBA ...)."""
-    import dhf_cache.cache as cache_mod
+    import dhf_cache.cache.feature_cache as cache_mod
     import dhf_cache.pipelines.train as train_mod
     from dhf_cache.config import TrainOptions
-    from dhf_cache.feature_loader import FeatureReader, Prefetcher
+    from dhf_cache.cache.feature_loader import FeatureReader, Prefetcher
 
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):
@@ -367,8 +367,8 @@ def loader_share_child(spec_path: str) -> int:
 
 
 def _reader_args(cache_url: str):
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.feature_loader import select_features
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.cache.feature_loader import select_features
 
     cache = FeatureCache.open(cache_url)
     return cache, select_features(cache)
@@ -405,7 +405,7 @@ def measure_loader(args, work: Path, cache_url: str, dataset_spec: str) -> dict:
 
 # ------------------------------------------------------------------------------------ SD 1.5 projection
 def sd15_layers():
-    from dhf_cache.layers import LayerInfo
+    from dhf_cache.cache.layers import LayerInfo
 
     return [LayerInfo(f"up_blocks.{i // 3}.resnets.{i % 3}", c, s, s) for i, (c, s) in enumerate(SD15_LAYERS)]
 
@@ -419,10 +419,10 @@ def sd15_random_features(gen: torch.Generator) -> dict[str, torch.Tensor]:
 def sd15_read(work: Path, seed: int, repeats: int = 2) -> dict:
     """Two SD 1.5-sized images (random fp16 features, 11 steps) written to a Zarr cache with the
     library's codecs, then read back with FeatureReader (what a training step loads)."""
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
     from dhf_cache.config import BuildSpec, FeatureSpace, ModelIdentity
-    from dhf_cache.extract import ExtractedImage
-    from dhf_cache.feature_loader import FeatureReader, select_features
+    from dhf_cache.sources.sd.extract import ExtractedImage
+    from dhf_cache.cache.feature_loader import FeatureReader, select_features
 
     layers = sd15_layers()
     identity = ModelIdentity(unet_class="UNet2DConditionModel", unet_sha256="random-sd15-config",
@@ -452,7 +452,7 @@ def sd15_read(work: Path, seed: int, repeats: int = 2) -> dict:
 
 
 def sd15_unet_call(seed: int) -> dict:
-    from dhf_cache.tiny_model import build_sd15_unet
+    from dhf_cache.sources.sd.tiny_model import build_sd15_unet
 
     start = time.perf_counter()
     unet = build_sd15_unet(seed=seed).eval()
@@ -473,7 +473,7 @@ def sd15_unet_call(seed: int) -> dict:
 
 def sd15_network_step(seed: int) -> dict:
     """One training step at the paper's size on SD 1.5's layer table (random fp16 inputs)."""
-    from dhf_cache.aggregator import AggregationNetwork
+    from dhf_cache.aggregator.network import AggregationNetwork
     from dhf_cache.pipelines.train import _Example, _train_step
 
     layers = sd15_layers()

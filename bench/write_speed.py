@@ -3,7 +3,7 @@
 Why: on an H200 the build of SD 1.5 at batch 8 stored 1.41 images/s while the bare inversion
 ran 3.99 (docs/benchmarks.md, "GPU"): one writer thread pushed every chunk through zarr's codec
 pipeline, whose copies hold the GIL that the main thread needs to launch kernels. Feature
-chunks of local default-codec caches are now written by `dhf_cache/direct_chunks.py` from a
+chunks of local default-codec caches are now written by `dhf_cache/cache/direct_chunks.py` from a
 thread pool. This benchmark measures that change where no GPU is: `FeatureCache.write_image`
 on SD 1.5-shaped images (12 layers x 11 steps, 156.8 MB of fp16 each, random values), once with
 direct writes and once through zarr (`DHF_CACHE_DIRECT_WRITES=0`'s path), interleaved, each
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prepare(url: Path, n_images: int):
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
     from dhf_cache.config import BuildSpec, FeatureSpace, ModelIdentity
 
     layers = sd15_layers()
@@ -82,7 +82,7 @@ class GilLoad:
 
 def write_run(work: Path, images: list, direct: bool, load: bool, tag: str) -> float:
     """Seconds to write every image into a fresh cache, one `write_image` after another."""
-    import dhf_cache.cache as cache_mod
+    import dhf_cache.cache.feature_cache as cache_mod
 
     url = work / f"{tag}.zarr"
     shutil.rmtree(url, ignore_errors=True)
@@ -104,8 +104,8 @@ def write_run(work: Path, images: list, direct: bool, load: bool, tag: str) -> f
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dhf_cache.cache import _write_pool
-    from dhf_cache.extract import ExtractedImage
+    from dhf_cache.cache.feature_cache import _write_pool
+    from dhf_cache.sources.sd.extract import ExtractedImage
 
     print(describe_machine(machine_info("cpu")))
     gen = torch.Generator().manual_seed(args.seed)

@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from dhf_cache.errors import DhfCacheError
-from dhf_cache.storage import storage_exceptions
+from dhf_cache.cache.storage import storage_exceptions
 
 # `dhf-cache --help` lists the commands in the order a user meets them, each in a line that fits
 # 80 columns (a command's own --help gives its docstring in full).
@@ -23,6 +23,7 @@ WORKFLOW = {
     "train": "stage two: train the aggregation network from a cache",
     "import-checkpoint": "the authors' released aggregator as a run folder",
     "eval": "stage three: PCK from cached descriptors or raw maps",
+    "compare": "two evaluations' difference, paired bootstrap interval",
     "match": "match points between two images of your own",
     "export-images": "a generation cache's images as PNG files",
     "prune": "remove the descriptor sets eval stored in a cache",

@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors, require_build_extra
-from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, SD15_MODEL_ID, BuildOptions, CodecSpec, GenerationSpec,
+from dhf_cache.config import (DEFAULT_STEPS, SD15_MODEL_ID, BuildOptions, CodecSpec, GenerationSpec,
                               Preprocessing, StorageSpec)
-from dhf_cache.disk_space import human_bytes
+from dhf_cache.cache.disk_space import human_bytes
 from dhf_cache.errors import UsageError, invalid_values
 
 BUILD_EPILOG = """
@@ -100,7 +100,7 @@ _PRE, _GEN, _CODEC, _OPTS = Preprocessing(), GenerationSpec(), CodecSpec(), Buil
 @report_errors
 def build(
     cache: Annotated[str, typer.Option(help="Cache URL: a folder, file://, or any fsspec URL such as s3://bucket/c.zarr.")],
-    dataset: Annotated[Optional[str], typer.Option(help="spair:PATH (SPair-71k layout), folder:PATH (all images below PATH) or pairs:FILE.json.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="spair:PATH (SPair-71k layout), folder:PATH (all images below PATH), pairs:FILE.json, or a benchmark: pfpascal:, pfwillow:, ap10k:, cub:PATH[?pairs=N&seed=S], spairu:, dhf: (docs/datasets.md).")] = None,
     generate: Annotated[Optional[Path], typer.Option(help="Generation mode: a text file of prompts, one a line (instead of --dataset).")] = None,
     images_per_prompt: Annotated[int, typer.Option(min=1, help="Generation mode: images per prompt (seeds derive from prompt, variant and --seed).")] = 1,
     guidance: Annotated[float, typer.Option(min=1.0, help="Generation mode: classifier-free guidance scale.")] = _GEN.guidance,
@@ -113,7 +113,7 @@ def build(
     image_size: Annotated[int, typer.Option(help="Model input size the loaded image is then upsampled to (512 for SD).")] = _PRE.image_size,
     steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = DEFAULT_STEPS,
     save_steps: Annotated[Optional[str], typer.Option(help="Step indices to store, clean first (S-1 = cleanest). Default for 50 steps: 49,45,40,...,5,0.")] = None,
-    layers: Annotated[str, typer.Option(help="SD: up (default: the 12 up-block resnets), down, mid, all, or module names. DINOv2: last (default: the final layernorm), all, or encoder.layer.<i>,layernorm.")] = DEFAULT_LAYERS,
+    layers: Annotated[Optional[str], typer.Option(help="Default: the family's (SD, SDXL: up, the 12 up-block resnets; DINOv2: last, the final layernorm). SD, SDXL: up, down, mid, all, or module names. DINOv2: last, all, or encoder.layer.<i>,layernorm.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images that share each UNet call.")] = _OPTS.batch_size,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float16 on CUDA, float32 otherwise), float32, float16, bfloat16.")] = "auto",
@@ -138,7 +138,7 @@ def build(
     from dhf_cache.config import GenerationSpec
     from dhf_cache.datasets import open_dataset
     from dhf_cache.pipelines.build import BuildRequest, run_build
-    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.cache.storage import parse_storage_options
 
     if (dataset is None) == (generate is None):
         raise UsageError("give exactly one of --dataset D (real images) or --generate PROMPTS.txt (generation)")
@@ -233,11 +233,11 @@ def info(
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
 ) -> None:
     """Describe a cache: spec, fingerprint, layers, timesteps, images done, failures, bytes."""
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.cache.storage import parse_storage_options
 
-    from dhf_cache.descriptor_store import list_descriptor_sets
-    from dhf_cache.storage import stored_bytes
+    from dhf_cache.cache.descriptor_store import list_descriptor_sets
+    from dhf_cache.cache.storage import stored_bytes
 
     sources = FeatureCache.open_all(url, parse_storage_options(storage_options))
     if not sources:
@@ -335,7 +335,7 @@ def export_images(
     without empty, '.' or '..' parts (as `build --generate` names them); a cache holding another
     id is refused before anything is written."""
     from dhf_cache.pipelines.export import export_images as run_export
-    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.cache.storage import parse_storage_options
 
     run_export(url, directory, parse_storage_options(storage_options), progress, log=log)
 
@@ -358,9 +358,9 @@ def verify(
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Read every chunk of every done image: checksums, shapes, finiteness, missing chunks."""
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.storage import parse_storage_options
-    from dhf_cache.verify import verify_cache
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.cache.storage import parse_storage_options
+    from dhf_cache.cache.verify import verify_cache
 
     sources = FeatureCache.open_all(url, parse_storage_options(storage_options), mode="r+" if repair else "r")
     reports = {name: verify_cache(cache, repair=repair, progress=progress, log=log) for name, cache in sources.items()}

@@ -44,5 +44,6 @@ def demo(
         typer.echo(line)
     typer.echo(f"\nreports: {workdir}/eval/trained/report.md, {workdir}/eval/raw-best/report.md; "
                f"cache: `dhf-cache info {workdir}/features.zarr`")
+    typer.echo(f"compare them: dhf-cache compare {workdir}/eval/trained {workdir}/eval/raw-best")
     if not result.build.ok:
         raise typer.Exit(1)

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from dhf_cache.cli.app import app, before_compute, log, print_json, report_errors
-from dhf_cache.config import EVAL_LOAD_SIZE, PCK_ALPHAS
+from dhf_cache.config import PCK_ALPHAS
+from dhf_cache.correspondence.conventions import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from dhf_cache.errors import UsageError
 
 EVAL_EPILOG = """
@@ -18,17 +19,45 @@ The paper's protocol (SPair-71k test, load size 224, PCK@0.1 with bbox and image
 
     dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --checkpoint runs/dhf --out eval/dhf
 
-A DIFT-style raw baseline from one cached map, and the best single map of all:
+The same descriptors scored the way another code base does it (its matching and headline):
+
+    dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --checkpoint runs/dhf --out eval/dift --protocol dift
+
+One raw cached map as a baseline, and the best single map (chosen on the val split):
 
     dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --raw up_blocks.1.resnets.1@260 --out eval/raw
     dhf-cache eval --cache spair.zarr --dataset spair:/data/SPair-71k --raw best --out eval/raw-best
 
-Outputs: metrics.json, predictions.jsonl, report.md, pck_per_category.png, mixing_weights.png
-(checkpoints), raw_sweep.png (--raw best) and correspondences/*.png. A checkpoint's descriptor
-maps are stored in the cache for later evals (`dhf-cache info` lists them, `dhf-cache prune`
-removes them). `--raw best` keeps the map with the highest bbox@0.1 PCK per point, on a tie the
-first in raw_sweep.json's order (earliest timestep row, then layer).
+Two evaluations of the same pairs, with a paired bootstrap interval of the difference:
+
+    dhf-cache compare eval/dhf eval/raw-best
+
+Every evaluation reports its headline with a 95% bootstrap interval over pairs and the whole
+convention matrix (thresholds bbox/img/kps, <= and <, five averagings); docs/evaluation.md
+says which code each comes from. Outputs: metrics.json, predictions.jsonl, report.md,
+pck_per_category.png, mixing_weights.png (checkpoints), raw_sweep.png (--raw best) and
+correspondences/*.png. A checkpoint's descriptor maps are stored in the cache for later evals
+(`dhf-cache info` lists them, `dhf-cache prune` removes them). `--raw best` keeps the map with
+the highest bbox@0.1 PCK per point on the selection split, on a tie the first in
+raw_sweep.json's order (earliest timestep row, then layer).
 """
+
+
+def headline_lines(metrics: dict) -> list[str]:
+    """The protocol's headline numbers with their intervals, then where matching happened."""
+    protocol = metrics["protocol"]
+    lines = []
+    for row in metrics["headline"]:
+        ci = row.get("ci95")
+        interval = f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+        value = "–" if row["value"] is None else f"{100 * row['value']:.1f}"
+        lines.append(f"{protocol['name']} headline  PCK {row['name']}: {value}{interval} (95% bootstrap over "
+                     f"{row['n_pairs']} pairs)")
+    m = metrics["matching"]
+    where = {"load": f"a {m['load_size']} x {m['load_size']} square", "original": "each image's own size",
+             "square": f"the aspect-preserving size of long side {m['load_size']}"}[m["match_at"]]
+    lines.append(f"matched at {where}, {m['refine']}" + (f"; reproduces {m['reproduces']}" if m.get("reproduces") else ""))
+    return lines
 
 
 def pck_lines(metrics: dict) -> list[str]:
@@ -45,15 +74,21 @@ def pck_lines(metrics: dict) -> list[str]:
 @report_errors
 def eval_command(
     cache: Annotated[str, typer.Option(help="Cache URL built by `dhf-cache build`.")],
-    dataset: Annotated[str, typer.Option(help="spair:PATH or pairs:FILE.json with the keypoint pairs.")],
+    dataset: Annotated[str, typer.Option(help="The keypoint pairs: spair:PATH, pairs:FILE.json, or a benchmark: pfpascal:, pfwillow:, ap10k:, cub:, spairu:, dhf: (docs/datasets.md).")],
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, predictions.jsonl, report.md and plots.")],
     checkpoint: Annotated[Optional[Path], typer.Option(help="Run folder (RUN uses best/, else last/; or RUN/last).")] = None,
     raw: Annotated[Optional[str], typer.Option(help="LAYER@T to score one raw cached map (T = UNet timestep), or 'best'.")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     alpha: Annotated[str, typer.Option(help="Comma-separated PCK thresholds.")] = ",".join(f"{a:g}" for a in PCK_ALPHAS),
-    load_size: Annotated[int, typer.Option(min=8, help="Descriptors are upsampled to LOAD_SIZE^2 (the paper: 224; at most 2048).")] = EVAL_LOAD_SIZE,
-    refine: Annotated[str, typer.Option(help="none (hard argmax, the paper) or window-softargmax.")] = "none",
+    protocol: Annotated[str, typer.Option(help="Whose headline and matching: dhf (the paper), dift, sd-dino, geoaware, hpf (docs/evaluation.md).")] = "dhf",
+    load_size: Annotated[Optional[int], typer.Option(min=8, help="Matching grid: the load square's side, or the long side with --match-at square (default: the protocol's; dhf: 224; at most 2048).", show_default=False)] = None,
+    match_at: Annotated[Optional[str], typer.Option(help="load (a load-size square, the paper), original (each image's size, DIFT) or square (aspect kept, SD+DINO). Default: the protocol's.", show_default=False)] = None,
+    refine: Annotated[Optional[str], typer.Option(help="none (hard argmax, the paper) or window-softargmax (GeoAware-SC). Default: the protocol's.", show_default=False)] = None,
+    select_split: Annotated[Optional[str], typer.Option(help="Where --raw best chooses its map (default: val); never the evaluated split.")] = None,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples over pairs for the headline's 95% interval (0: none).")] = BOOTSTRAP_RESAMPLES,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resamples.")] = BOOTSTRAP_SEED,
     limit_per_category: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N pairs of each category.")] = None,
+    subset: Annotated[Optional[str], typer.Option(help="A named subset: ref360 (the reference's validation pairs: 20 per category of the val split).")] = None,
     skip_missing: Annotated[bool, typer.Option(help="Score the pairs whose images are built and usable; skip the rest (counted in metrics.json).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
     drawings: Annotated[int, typer.Option(min=0, help="Correspondence drawings of the first N pairs.")] = 6,
@@ -66,7 +101,10 @@ def eval_command(
     """Score keypoint pairs by PCK from cached descriptors (a checkpoint) or raw cached maps."""
     before_compute()
     from dhf_cache.pipelines.evaluate import EvalRequest, run_eval
-    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.cache.storage import parse_storage_options
+    from dhf_cache.correspondence.protocols import get_protocol
+
+    chosen = get_protocol(protocol)
 
     try:
         alphas = tuple(float(a) for a in alpha.split(",") if a.strip())
@@ -74,7 +112,10 @@ def eval_command(
         raise UsageError(f"--alpha {alpha!r}: expected comma-separated numbers such as 0.05,0.1,0.15") from None
     request = EvalRequest(
         cache_url=cache, dataset=dataset, out=out, checkpoint=checkpoint, raw=raw, split=split, alphas=alphas,
-        load_size=load_size, refine=refine, limit_per_category=limit_per_category, skip_missing=skip_missing,
+        load_size=chosen.load_size if load_size is None else load_size, refine=refine or chosen.refine,
+        match_at=match_at or chosen.match_at, protocol=protocol, select_split=select_split, bootstrap=bootstrap, seed=seed,
+        subset=subset,
+        limit_per_category=limit_per_category, skip_missing=skip_missing,
         device=device, storage_options=parse_storage_options(storage_options), source=source, progress=progress, drawings=drawings,
         threads=threads,
     )
@@ -88,7 +129,7 @@ def eval_command(
                f"features from {metrics['feature_source']}"
                + (f" (checkpoint trained on {metrics['checkpoint_feature_source']} features)"
                   if metrics.get("checkpoint_feature_source") else ""))
-    for line in pck_lines(metrics):
+    for line in headline_lines(metrics) + pck_lines(metrics):
         typer.echo("  " + line)
     for note in metrics["notes"]:
         typer.echo(f"  note: {note}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from dhf_cache.cli import build_cmd, demo_cmd, eval_cmd, match_cmd, tools_cmd, train_cmd  # noqa: F401  (registers commands)
+from dhf_cache.cli import build_cmd, compare_cmd, demo_cmd, eval_cmd, match_cmd, tools_cmd, train_cmd  # noqa: F401  (registers commands)
 from dhf_cache.cli.app import app
 
 
@@ -15,7 +15,7 @@ def main() -> None:
         app()
     finally:
         # The interpreter's last garbage collections walk every object torch and diffusers made
-        # (~1 s per command on a 2-core CPU, docs/benchmarks.md). Every file and store is closed
+        # (about a second per command, docs/benchmarks.md). Every file and store is closed
         # by now and atexit handlers still run; only cyclic garbage is left to the OS.
         gc.freeze()
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhf_cache.cli.app import app, report_errors, require_build_extra
-from dhf_cache.disk_space import human_bytes
+from dhf_cache.cache.disk_space import human_bytes
 from dhf_cache.errors import UsageError
 
 
@@ -31,7 +31,7 @@ def tiny_model(
     """Write an offline model with seeded random weights (loads with from_pretrained)."""
     require_build_extra("tiny-model")
     if family == "sd":
-        from dhf_cache.tiny_model import write_tiny_model
+        from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
         write_tiny_model(directory, seed)
     elif family in ("dinov2", "dinov2-registers"):
@@ -58,7 +58,7 @@ def sample_data(
     size: Annotated[int, typer.Option(min=32, help="Height of each image in pixels.")] = 192,
 ) -> None:
     """Write a small SPair-71k-layout data set of warped real photos with exact keypoints."""
-    from dhf_cache.sample_data import write_sample_data
+    from dhf_cache.datasets.sample_data import write_sample_data
 
     summary = write_sample_data(directory, seed=seed, size=size)
     pairs = ", ".join(f"{n} {s}" for s, n in summary.n_pairs.items())
@@ -102,9 +102,9 @@ def prune(
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
 ) -> None:
     """Remove descriptor maps that eval stored in a cache (features stay)."""
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.descriptor_store import find_descriptor_set, list_descriptor_sets, remove_descriptor_sets
-    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.cache.descriptor_store import find_descriptor_set, list_descriptor_sets, remove_descriptor_sets
+    from dhf_cache.cache.storage import parse_storage_options
 
     if (descriptors is None) == (not all_descriptors):
         raise UsageError("give exactly one of --descriptors KEY or --all-descriptors")
@@ -141,6 +141,6 @@ def migrate(url: Annotated[str, typer.Argument(help="A local format-1 cache.")])
     """Upgrade a format-1 cache in place to format 2 (sources/<name>/), moving folders: no chunk is
     rewritten. Needed only to add a second feature source; every command reads format 1 as is.
     A killed migrate is finished by rerunning it."""
-    from dhf_cache.migrate import migrate as run_migrate
+    from dhf_cache.cache.migrate import migrate as run_migrate
 
     typer.echo(run_migrate(url))

@@ -57,7 +57,7 @@ LOADER_WAIT_HINT = 0.2  # above this share of the loop waiting for reads, the su
 def train(
     ctx: typer.Context,
     cache: Annotated[str, typer.Option(help="Cache URL built by `dhf-cache build`.")],
-    dataset: Annotated[str, typer.Option(help="spair:PATH (or pairs:FILE.json) with the keypoint pairs.")],
+    dataset: Annotated[str, typer.Option(help="The keypoint pairs: spair:PATH, pairs:FILE.json, or a benchmark with a training split: pfpascal:, ap10k:, cub:, dhf: (docs/datasets.md).")],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, config.json, metrics.jsonl.")],
     split: Annotated[str, typer.Option(help="Training split.")] = DEFAULTS.split,
     val_split: Annotated[str, typer.Option(help="Validation split ('' for none).")] = DEFAULTS.val_split or "",
@@ -86,7 +86,7 @@ def train(
     """Train the aggregation network from cached features (no diffusion model is loaded)."""
     before_compute()
     from dhf_cache.pipelines.train import TrainRequest, run_train
-    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.cache.storage import parse_storage_options
 
     try:
         options = TrainOptions(
@@ -159,7 +159,7 @@ def import_checkpoint(
 ) -> None:
     """Convert a released Diffusion Hyperfeatures checkpoint (loaded with weights_only=True)."""
     from dhf_cache.pipelines.import_checkpoint import import_reference_checkpoint
-    from dhf_cache.storage import parse_storage_options
+    from dhf_cache.cache.storage import parse_storage_options
 
     summary = import_reference_checkpoint(file, out, cache, parse_storage_options(storage_options))
     typer.echo(

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.aggregator.checkpoint import Checkpoint, check_features_match, checkpoint_selection, load_checkpoint
 from dhf_cache.config import EVAL_LOAD_SIZE, Preprocessing
-from dhf_cache.descriptors import aggregate
+from dhf_cache.correspondence.descriptors import aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import CacheError, CheckpointError, UsageError
-from dhf_cache.feature_loader import FeatureReader, SourcesReader, SourcesSelection
-from dhf_cache.images import load_image
-from dhf_cache.matching import match_points, parse_refine, prepare_target
+from dhf_cache.cache.feature_loader import FeatureReader, SourcesReader, SourcesSelection
+from dhf_cache.datasets.images import load_image
+from dhf_cache.correspondence.matching import match_points, parse_refine, prepare_target
 
 ImageLike = Union[str, Path, Image.Image]
 
@@ -90,7 +90,7 @@ class Hyperfeatures:
         """Load RUN (its best/ weights if present, else last/; or a RUN/last folder).
 
         A malformed config.json, missing, damaged or ill-fitting weights raise CheckpointError
-        naming the file (`dhf_cache.checkpoint.load_checkpoint`)."""
+        naming the file (`dhf_cache.aggregator.checkpoint.load_checkpoint`)."""
         dev = resolve_device(device)
         return cls(load_checkpoint(run, dev), dev, model, **kwargs)
 
@@ -98,7 +98,7 @@ class Hyperfeatures:
     def extractor(self):
         """The on-the-fly extractor, created (and the backbone loaded and checked) on first use."""
         if self._extractor is None:
-            from dhf_cache.onthefly import OnTheFlyExtractor
+            from dhf_cache.sources.onthefly import OnTheFlyExtractor
 
             self._extractor = OnTheFlyExtractor(self.checkpoint, self.model, self.device,
                                                 preprocessing=self.preprocessing, log=self.log)

@@ -21,6 +21,8 @@ SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD15_SAVE_STEPS = (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)
 DEFAULT_STEPS = 50
 DEFAULT_LAYERS = "up"  # METHOD.md: the 12 up-block resnets
+# `--layers` when not given, per source family: SD and SDXL as METHOD.md, DINOv2 its final layernorm
+FAMILY_DEFAULT_LAYERS = {"sd": DEFAULT_LAYERS, "sdxl": DEFAULT_LAYERS, "dinov2": "last"}
 EVAL_LOAD_SIZE = 224  # METHOD.md: the paper tests at load size 224 (descriptors upsampled to it)
 PCK_ALPHAS = (0.05, 0.1, 0.15)  # METHOD.md reports alpha = 0.1; its neighbours are customary
 PROJECTION_DIM, DESCRIPTOR_GRID, NORM_GROUPS = 384, 64, 32  # METHOD.md: 384 x 64 x 64 descriptors, GN(32)
@@ -103,13 +105,17 @@ class Preprocessing(Frozen):
     resampling: Literal["bilinear"] = "bilinear"
     latent: Literal["sample"] = "sample"
     seed: int = 0
+    # image_size's other constraint is the family's: a multiple of 8 for SD's VAE (BuildSpec),
+    # of the patch size for DINOv2 (Dinov2FeatureSpace); DINOv2's own 518 is no multiple of 8
 
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"image_size must be a multiple of 8 (the VAE factor), got {v}")
-        return v
+
+VAE_FACTOR = 8  # SD's VAE downsamples 8x: SD and SDXL image sizes are multiples of it
+
+
+def check_vae_size(image_size: int, error: type[Exception] = ValueError) -> int:
+    if image_size % VAE_FACTOR:
+        raise error(f"image_size must be a multiple of {VAE_FACTOR} (the VAE factor), got {image_size}")
+    return image_size
 
 
 class ComputeSpec(Frozen):
@@ -120,7 +126,7 @@ class CodecSpec(Frozen):
     """How feature chunks are stored. `zstd` is lossless; `bitround` first rounds each fp16
     value's 10-bit mantissa to `keepbits` bits (relative error <= 2^-(keepbits+1)), which makes
     zstd far more effective; `quant8` stores each (timestep, channel) map as uint8 codes with
-    its own minimum and step (absolute error <= 1/510 of the map's range; dhf_cache/quant8.py).
+    its own minimum and step (absolute error <= 1/510 of the map's range; dhf_cache/cache/quant8.py).
     Latents are always stored losslessly."""
 
     name: Literal["zstd", "bitround", "quant8"] = "zstd"
@@ -212,6 +218,12 @@ class BuildSpec(Frozen):
     preprocessing: Preprocessing = Preprocessing()
     compute: ComputeSpec = ComputeSpec()
     storage: StorageSpec = StorageSpec()
+
+    @model_validator(mode="after")
+    def _vae_multiple(self) -> BuildSpec:
+        if getattr(self.feature_space, "kind", None) != "dinov2":
+            check_vae_size(self.preprocessing.image_size)
+        return self
 
 
 class BuildOptions(Frozen):

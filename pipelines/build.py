@@ -16,17 +16,19 @@ from typing import Callable
 
 import torch
 
-from dhf_cache.backbone import DTYPES, load_backbone
-from dhf_cache.cache import FeatureCache
-from dhf_cache.capture import resolve_layers
-from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, GenerationSpec,
+from dhf_cache.sources.sd.backbone import load_backbone
+
+from dhf_cache.sources.loading import DTYPES
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.sources.sd.capture import resolve_layers
+from dhf_cache.config import (DEFAULT_STEPS, FAMILY_DEFAULT_LAYERS, check_vae_size, BuildOptions, BuildSpec, ComputeSpec, FeatureSpace, GenerationSpec,
                               Preprocessing, SchedulerSpec, StorageSpec)
 from dhf_cache.datasets import Dataset, ImageRecord
 from dhf_cache.device import resolve_device
-from dhf_cache.disk_space import check_free_space
+from dhf_cache.cache.disk_space import check_free_space
 from dhf_cache.errors import DhfCacheError, ImageError, StorageError, UsageError, invalid_values
-from dhf_cache.extract import ExtractedImage, FeatureExtractor
-from dhf_cache.images import load_image
+from dhf_cache.sources.sd.extract import ExtractedImage, FeatureExtractor
+from dhf_cache.datasets.images import load_image
 from dhf_cache.progress import progress_bar
 
 
@@ -43,7 +45,7 @@ class BuildRequest:
     generation: GenerationSpec | None = None
     steps: int = DEFAULT_STEPS
     save_steps: tuple[int, ...] | None = None
-    layers: str | tuple[str, ...] = DEFAULT_LAYERS
+    layers: str | tuple[str, ...] | None = None  # None: the family's default (config.FAMILY_DEFAULT_LAYERS)
     preprocessing: Preprocessing = Preprocessing()
     dtype: str = "auto"
     storage: StorageSpec = StorageSpec()
@@ -146,6 +148,9 @@ def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str],
     device = resolve_device(device_name)
     dtype_name = request.dtype if request.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")
     family = model_family(request.model, request.family)
+    if family != "dinov2":  # before the model loads: one line, nothing written
+        size = request.preprocessing.image_size
+        check_vae_size(size, lambda why: UsageError(f"--image-size {size}: {why}"))
     log(f"loading {family} model {request.model} on {device} ({dtype_name})")
     if family == "dinov2":
         return _load_dinov2_extractor(request, device, dtype_name)
@@ -154,7 +159,7 @@ def load_extractor(request: BuildRequest, device_name: str, log: Callable[[str],
     backbone = load_backbone(request.model, DTYPES[dtype_name])
     identity = backbone.identity  # hashed on the CPU, rounded to fp16 (see ModelIdentity)
     backbone.to(device)
-    layers = resolve_layers(backbone.unet, request.layers)
+    layers = resolve_layers(backbone.unet, request.layers or FAMILY_DEFAULT_LAYERS["sd"])
     spec = make_spec(request, layers, identity, dtype_name, backbone.prediction_type)
     extractor = FeatureExtractor(backbone, spec.feature_space, spec.preprocessing, device, DTYPES[dtype_name])
     return extractor, spec
@@ -168,7 +173,7 @@ def _load_dinov2_extractor(request: BuildRequest, device: torch.device, dtype_na
     backbone = load_dinov2(request.model, DTYPES[dtype_name])
     backbone.identity()  # hashed on the CPU (rounded to fp16) before the move; kept for the spec
     backbone.to(device)
-    layers = resolve_dinov2_layers(backbone, request.layers)
+    layers = resolve_dinov2_layers(backbone, request.layers or FAMILY_DEFAULT_LAYERS["dinov2"])
     space = feature_space(backbone, layers, request.preprocessing.image_size)
     spec = BuildSpec(feature_space=space, preprocessing=request.preprocessing, compute=ComputeSpec(dtype=dtype_name),
                      storage=request.storage)
@@ -183,7 +188,7 @@ def _load_sdxl_extractor(request: BuildRequest, device: torch.device, dtype_name
     backbone = load_sdxl(request.model, DTYPES[dtype_name])
     identity = model_identity(backbone)  # hashed on the CPU, rounded to fp16
     backbone.to(device)
-    layers = resolve_layers(backbone.unet, request.layers)
+    layers = resolve_layers(backbone.unet, request.layers or FAMILY_DEFAULT_LAYERS["sdxl"])
     spec = make_spec(request, layers, identity, dtype_name, backbone.prediction_type, kind="sdxl")
     return sdxl_extractor_class()(backbone, spec.feature_space, spec.preprocessing, device, DTYPES[dtype_name]), spec
 
@@ -237,7 +242,7 @@ def model_family(model: str, family: str = "auto") -> str:
         return family
     folder = Path(model)
     if not folder.is_dir():
-        from dhf_cache.backbone import local_snapshot
+        from dhf_cache.sources.loading import local_snapshot
 
         folder = local_snapshot(model) or folder
 
@@ -301,7 +306,7 @@ def shard_records(records: list[ImageRecord], index: dict[str, int], batch_size:
                   shard: int, n_shards: int) -> list[ImageRecord]:
     """Shard `shard` of `n_shards` (0-based): every n-th fixed batch group, so shards never split a
     group and each image is computed with the same neighbours as in a serial build."""
-    groups = _batch_groups(records, index, batch_size)
+    groups = batch_groups(records, index, batch_size)
     return [r for g, group in enumerate(groups) if g % n_shards == shard for r in group]
 
 
@@ -320,7 +325,7 @@ def build_images(
     start = time.perf_counter()
     plan = plan or plan_build(cache, records)
     index, todo = plan.index, plan.todo
-    groups = _batch_groups(records, index, options.batch_size)
+    groups = batch_groups(records, index, options.batch_size)
     n_skipped = len(records) - len(todo)
     log(
         f"cache {cache.url}: {len(records)} images requested, {n_skipped} already done, "
@@ -366,7 +371,7 @@ def build_images(
                        time.perf_counter() - start, interrupted)
 
 
-def _batch_groups(records: list[ImageRecord], index: dict[str, int], size: int) -> list[list[ImageRecord]]:
+def batch_groups(records: list[ImageRecord], index: dict[str, int], size: int) -> list[list[ImageRecord]]:
     """Fixed batches by cache position (index // size), so every run batches an image with the
     same neighbours: batched convolutions round differently for different batch compositions,
     and a resumed build must store exactly what an uninterrupted one stores. A batch with some

@@ -17,13 +17,13 @@ from typing import Any
 
 from dhf_cache.config import BuildOptions, BuildSpec
 from dhf_cache.datasets import ImageRecord
-from dhf_cache.disk_space import check_free_space
+from dhf_cache.cache.disk_space import check_free_space
 from dhf_cache.errors import UsageError
 from dhf_cache.pipelines.build import (
     BuildPlan,
     BuildRequest,
     BuildResult,
-    _batch_groups,
+    batch_groups,
     build_images,
     open_build,
     plan_build,
@@ -68,7 +68,7 @@ def _local_worker_index() -> int | None:
 
 def build_group_task(job: dict, records: list[ImageRecord], plan: BuildPlan) -> dict:
     """One task on a worker: build one batch group into the cache; returns what happened."""
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
 
     extractor = _worker_extractor(job)
     cache = FeatureCache.open(job["url"], job["storage_options"], mode="r+", source=job.get("source"))
@@ -132,7 +132,7 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
     extractor, cache = open_build(request, [r.id for r in records], "cpu", log)
     plan = plan_build(cache, records)
     check_free_space(cache, len(plan.todo), log)
-    groups = [g for g in _batch_groups(records, plan.index, options.batch_size) if any(r.id in plan.todo for r in g)]
+    groups = [g for g in batch_groups(records, plan.index, options.batch_size) if any(r.id in plan.todo for r in g)]
     n_skipped = len(records) - len(plan.todo)
     log(f"cache {cache.url}: {len(records)} images, {n_skipped} already done, {len(plan.todo)} to build "
         f"in {len(groups)} tasks on {scheduler}")

@@ -3,8 +3,13 @@
 With a checkpoint, every image's descriptor map is computed once (one pass through the
 aggregator over its cached features) and stored back into the cache under the checkpoint's
 fingerprint; later evals of the same checkpoint reuse them. With `--raw LAYER@T` one cached map
-is scored as is (the DIFT-style baseline); `--raw best` sweeps every layer x timestep and keeps
-the map `report.best_cell` names (highest PCK, ties to the first in the table's order).
+is scored as is (one inverted map as a baseline); `--raw best` sweeps every layer x timestep on a
+selection split (`--select-split`, default val), keeps the map `report.best_cell` names (highest
+PCK, ties to the first in the table's order) and scores that map on the evaluated split.
+
+One set of predictions is scored under every published convention (correspondence/conventions.py);
+the protocol (`--protocol`, correspondence/protocols.py) names the headline, which is reported
+with a bootstrap interval over pairs, with per-category and difficulty-flag breakdowns.
 
 Everything a user can get wrong (the load size, a missing cache, pairs whose images are unusable
 or not built) is refused with one line before the cache or the output folder is written.
@@ -24,22 +29,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dhf_cache.cache import FeatureCache, open_root, open_source, source_names
-from dhf_cache.checkpoint import (Checkpoint, check_features_match, checkpoint_selection, checkpoint_source,
+from dhf_cache.cache.feature_cache import FeatureCache, open_root, open_source, source_names
+from dhf_cache.aggregator.checkpoint import (Checkpoint, check_features_match, checkpoint_selection, checkpoint_source,
                                   load_checkpoint)
 from dhf_cache.config import EVAL_LOAD_SIZE, MAX_LOAD_SIZE, MIN_LOAD_SIZE, PCK_ALPHAS
 from dhf_cache.datasets import Dataset, PairRecord, open_dataset
-from dhf_cache.descriptor_store import DescriptorStore
-from dhf_cache.descriptors import LRUDescriptors, aggregate
+from dhf_cache.cache.descriptor_store import DescriptorStore
+from dhf_cache.correspondence.descriptors import LRUDescriptors, aggregate
 from dhf_cache.device import resolve_device
-from dhf_cache.disk_space import human_bytes
+from dhf_cache.cache.disk_space import human_bytes
 from dhf_cache.errors import CheckpointError, EvaluationError, ImageError, UsageError
-from dhf_cache.feature_loader import FeatureReader, Prefetcher, SourcesReader, SourcesSelection, done_in_all
-from dhf_cache.matching import parse_refine
-from dhf_cache.pck import bbox_length
+from dhf_cache.cache.feature_loader import FeatureReader, Prefetcher, SourcesReader, SourcesSelection, done_in_all
+from dhf_cache.correspondence.conventions import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairTable, convention_matrix, headline_tables
+from dhf_cache.correspondence.matching import MATCH_AT, parse_refine
+from dhf_cache.correspondence.pck import bbox_length
+from dhf_cache.correspondence.protocols import Protocol, get_protocol
 from dhf_cache.progress import progress_bar
-from dhf_cache.report import best_cell, sweep_rank
-from dhf_cache.scoring import score_pairs
+from dhf_cache.reports.report import best_cell, sweep_rank
+from dhf_cache.correspondence.scoring import score_pairs
 
 SWEEP_METRIC = "bbox@0.1"
 
@@ -64,6 +71,31 @@ class EvalRequest:
     drawings: int = 6
     threads: int | None = None  # torch intra-op threads (None: torch's own choice)
     source: str | None = None  # the cache's feature source (None: its only one, the checkpoint's, --raw's)
+    protocol: str = "dhf"  # whose headline (protocols.PROTOCOLS); the matching options above are its by default
+    match_at: str = "load"  # matching.MATCH_AT
+    select_split: str | None = None  # where `--raw best` chooses its map (None: val, when the data set has one)
+    bootstrap: int = BOOTSTRAP_RESAMPLES  # resamples of the headline's interval (0: none)
+    seed: int = BOOTSTRAP_SEED
+    subset: str | None = None  # a named subset (NAMED_SUBSETS): sets split and limit_per_category
+
+
+# Named pair subsets: (split, pairs per category, what it is). The reference validates on 20
+# pairs per category of SPair-71k's val split (METHOD.md); here they are the first 20 of each
+# category in the split's listed order.
+NAMED_SUBSETS = {"ref360": ("val", 20, "the reference's validation subset: 20 pairs per category of the val split")}
+
+
+def resolve_subset(request: EvalRequest) -> EvalRequest:
+    """The request with a named subset's split and per-category limit filled in."""
+    if request.subset is None:
+        return request
+    if request.subset not in NAMED_SUBSETS:
+        raise UsageError(f"--subset {request.subset!r}: unknown; use one of {', '.join(NAMED_SUBSETS)}")
+    split, per_category, _ = NAMED_SUBSETS[request.subset]
+    if request.split not in ("test", split) or request.limit_per_category not in (None, per_category):
+        raise UsageError(f"--subset {request.subset} sets --split {split} and --limit-per-category {per_category}; "
+                         "drop those options")
+    return dataclasses.replace(request, split=split, limit_per_category=per_category)
 
 
 @dataclass
@@ -120,7 +152,11 @@ def check_load_size(load_size: int) -> None:
 def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalResult:
     if (request.checkpoint is None) == (request.raw is None):
         raise EvaluationError("give exactly one of --checkpoint RUN or --raw LAYER@T|best")
+    request = resolve_subset(request)
     check_load_size(request.load_size)
+    protocol = get_protocol(request.protocol)
+    if request.match_at not in MATCH_AT:
+        raise UsageError(f"--match-at {request.match_at!r}: unknown; use one of {', '.join(MATCH_AT)}")
     started = time.perf_counter()
     if request.threads:
         torch.set_num_threads(request.threads)
@@ -133,6 +169,8 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     if not pairs:
         raise EvaluationError(f"no pairs to evaluate in split {request.split!r} of {request.dataset}")
     notes: list[str] = []
+    if request.raw == "best":
+        selection = _selection_pairs(dataset, cache, request, done_in_all(list(caches.values())))
     # a bad --checkpoint or --raw is refused before the output folder or a progress bar appears
     if request.checkpoint is not None:
         ckpt = load_checkpoint(request.checkpoint, resolve_device(request.device))
@@ -145,7 +183,10 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     options = {
         "split": request.split, "alphas": list(request.alphas), "load_size": request.load_size,
         "refine": request.refine, "limit_per_category": request.limit_per_category,
+        "match_at": request.match_at, "protocol": protocol.name, "subset": request.subset,
     }
+    score = lambda provider, **kw: score_pairs(pairs, provider, request.load_size, request.alphas, refine,  # noqa: E731
+                                               match_at=request.match_at, **kw)
     raw_table = None
     mixing = None
     descriptor_counts = None
@@ -164,23 +205,32 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         else:
             trained_on = ckpt.binding.feature_source
             mixing = (ckpt.network.mixing_weights_table().cpu().numpy(), ckpt.layer_names, ckpt.timesteps)
-        accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,
-                                               on_pair=lambda: bar.update(1))
+        accumulator, predictions = score(provider, on_pair=lambda: bar.update(1))
     elif request.raw == "best":
-        accumulator, predictions, raw_table, best = _raw_sweep(cache, pairs, request, refine, log)
-        options["descriptor"] = f"raw best: {best}"
+        select_split, selection_pairs = selection
+        raw_table, (layer, position) = _raw_sweep(cache, selection_pairs, request, refine, log)
+        best = f"{layer}@{cache.timesteps[position]}"
+        raw_table["selected_on"] = {"split": select_split, "n_pairs": len(selection_pairs)}
+        options["descriptor"] = f"raw best: {best} (chosen on the {select_split} split)"
+        options["select_split"] = select_split
+        provider = LRUDescriptors(_raw_provider(cache, layer, position), capacity=64)
+        accumulator, predictions = score(provider, on_pair=lambda: bar.update(1))
     elif "+" in request.raw:
         provider = LRUDescriptors(_fused_raw_provider(caches, parts), capacity=64)
         options["descriptor"] = f"raw fused (SD+DINO: each map L2-normalised per pixel, concatenated) {request.raw}"
-        accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,
-                                               on_pair=lambda: bar.update(1))
+        accumulator, predictions = score(provider, on_pair=lambda: bar.update(1))
     else:
         provider = LRUDescriptors(_raw_provider(cache, layer, position), capacity=64)
         options["descriptor"] = f"raw {request.raw}"
-        accumulator, predictions = score_pairs(pairs, provider, request.load_size, request.alphas, refine,
-                                               on_pair=lambda: bar.update(1))
+        accumulator, predictions = score(provider, on_pair=lambda: bar.update(1))
     bar.close()
     summary = accumulator.summary()
+    table = PairTable(accumulator.pairs)
+    base = protocol.threshold_base(dataset.default_threshold)
+    tables = headline_tables(table, base, protocol.inequality, protocol.alpha, protocol.averagings,
+                             request.bootstrap, request.seed)
+    matching = _matching_record(request, protocol, cache)
+    notes += matching["notes"]
     metrics = {
         "n_pairs": summary["n_pairs"],
         "n_points": summary["n_points"],
@@ -189,7 +239,10 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         "categories": summary["categories"],
         "skipped": {**summary["skipped"], **input_skipped,
                     # keypoints the data set dropped from the scored pairs (a NaN or inf coordinate)
-                    "dropped_nonfinite_points": sum(p.dropped_kps for p in pairs)},
+                    "dropped_nonfinite_points": sum(p.dropped_kps for p in pairs),
+                    # pairs a benchmark loader left out, by reason (padded, invisible, out_of_image)
+                    **{f"dataset_{reason}_pairs": n for reason, n in
+                       (getattr(dataset, "skipped_by_split", {}).get(request.split) or {}).items()}},
         "fingerprints": {"checkpoint": checkpoint_fp, "cache": cache.fingerprint},
         "options": options,
         "feature_source": getattr(cache.spec.feature_space, "source", cache.name),
@@ -198,6 +251,14 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         "descriptors": descriptor_counts,
         "dataset": request.dataset,
         "cache": request.cache_url,
+        "protocol": {"name": protocol.name, "code": protocol.code, "threshold_base": base,
+                     "inequality": protocol.inequality, "alpha": protocol.alpha, "averagings": list(protocol.averagings),
+                     "matching": protocol.matching(), "matching_differs": matching["differs"]},
+        "headline": tables["headline"],
+        "bootstrap": tables["bootstrap"],
+        "breakdowns": {"categories": tables["categories"], "flags": tables["flags"]},
+        "conventions": convention_matrix(table, sorted(set(request.alphas) | {protocol.alpha})),
+        "matching": {k: v for k, v in matching.items() if k != "notes"},
     }
     _write_outputs(request, dataset, pairs, predictions, metrics, raw_table, mixing, log)
     return EvalResult(request.out, metrics, time.perf_counter() - started, raw_table)
@@ -405,11 +466,59 @@ def _raw_provider(cache: FeatureCache, layer: str, position: int) -> Callable[[s
     return lambda image_id: torch.from_numpy(np.asarray(maps(image_id)[position], dtype=np.float32))
 
 
+def _selection_pairs(dataset: Dataset, cache: FeatureCache, request: EvalRequest,
+                     done: np.ndarray) -> tuple[str, list[PairRecord]]:
+    """The split `--raw best` chooses its map on and its pairs: never the evaluated split, so
+    the baseline is not chosen on the pairs it is scored on."""
+    split = request.select_split or ("val" if "val" in dataset.splits else None)
+    if split is None:
+        raise EvaluationError(
+            f"--raw best chooses its map on a validation split, and {request.dataset} has none "
+            f"(splits: {', '.join(dataset.splits) or 'none'}): pass --select-split NAME (not {request.split!r}) "
+            "or score one map with --raw LAYER@T")
+    if split == request.split:
+        raise EvaluationError(f"--select-split {split}: the map would be chosen on the pairs it is scored on; "
+                              f"choose it on another split (e.g. val) than --split {request.split}")
+    selecting = dataclasses.replace(request, split=split)
+    pairs, _ = check_pairs(select_pairs(dataset.pairs(split), request.limit_per_category), cache, selecting, done)
+    if not pairs:
+        raise EvaluationError(f"--select-split {split}: no pairs to choose the raw map on in {request.dataset}")
+    return split, pairs
+
+
+# The reference loads images at one load size for the model and matches at the same one
+# (METHOD.md): 224/224 is the paper's test protocol, 512/512 its training validation.
+PAPER_PROTOCOLS = {224: "the paper's test protocol (load size 224 for the model and for matching)",
+                   512: "the reference's training validation protocol (load size 512 for both)"}
+
+
+def _matching_record(request: EvalRequest, protocol: Protocol, cache: FeatureCache) -> dict:
+    """Where matching happened, whether it is the protocol's, and which of the reference's
+    protocols it reproduces (or that the cache's load size differs from the matching one)."""
+    ran = {"match_at": request.match_at, "load_size": request.load_size, "refine": request.refine}
+    differs = [f"{k} {ran[k]} (the protocol's: {v})" for k, v in protocol.matching().items()
+               if ran[k] != v and not (k == "load_size" and request.match_at == "original")]
+    notes = []
+    if differs:
+        notes.append(f"matching differs from protocol {protocol.name}'s: " + ", ".join(differs)
+                     + "; the headline uses its scoring rule on these predictions")
+    cache_load = getattr(cache.spec.preprocessing, "load_size", None)
+    reproduces = None
+    if request.match_at == "load" and cache_load == request.load_size and cache_load in PAPER_PROTOCOLS:
+        reproduces = PAPER_PROTOCOLS[cache_load]
+    elif request.match_at == "load" and cache_load is not None and cache_load != request.load_size:
+        notes.append(f"the cache was built at load size {cache_load} and is matched at {request.load_size}: the "
+                     "reference uses one load size for both (224 in the paper's test, 512 in its training "
+                     "validation), so this reproduces neither; see docs/evaluation.md")
+    return {**ran, "cache_load_size": cache_load, "reproduces": reproduces, "differs": bool(differs), "notes": notes}
+
+
 def _raw_sweep(cache: FeatureCache, pairs: list[PairRecord], request: EvalRequest, refine, log):
-    """Score every single layer x timestep map; keep the results of the one `best_cell` names."""
+    """Score every single layer x timestep map on `pairs`; the table and the (layer, time
+    position) of the map `best_cell` names."""
     layers = [l.name for l in cache.layers]
     table = np.full((len(cache.timesteps), len(layers)), np.nan)
-    best_rank, best = None, (None, None, None, None)  # (value, name, accumulator, predictions)
+    best_rank, best = None, (None, None)  # (value, name)
     bar = progress_bar(len(layers) * len(cache.timesteps), "raw sweep", unit="map", enabled=request.progress)
     index = cache.index_of()
     for l, layer in enumerate(layers):
@@ -419,12 +528,12 @@ def _raw_sweep(cache: FeatureCache, pairs: list[PairRecord], request: EvalReques
                                 capacity=max(8, int(2**30 // max(chunk_bytes, 1))))
         for t in range(len(cache.timesteps)):
             provider = lambda image_id, t=t: chunks(image_id)[t].float()  # noqa: E731
-            acc, preds = score_pairs(pairs, provider, request.load_size, request.alphas, refine)
+            acc, _ = score_pairs(pairs, provider, request.load_size, request.alphas, refine, match_at=request.match_at)
             value = acc.summary()[SWEEP_METRIC]["per_point"]
             table[t, l] = np.nan if value is None else value
             # the sweep runs layer by layer; sweep_rank orders maps as best_cell does
             if value is not None and (best_rank is None or sweep_rank(value, t, l) > best_rank):
-                best_rank, best = sweep_rank(value, t, l), (value, f"{layer}@{cache.timesteps[t]}", acc, preds)
+                best_rank, best = sweep_rank(value, t, l), (value, f"{layer}@{cache.timesteps[t]}")
             bar.update(1)
     bar.close()
     if best[1] is None:
@@ -438,11 +547,12 @@ def _raw_sweep(cache: FeatureCache, pairs: list[PairRecord], request: EvalReques
         "metric": f"{SWEEP_METRIC} per point",
         "best": {"layer": layers[l_best], "timestep": cache.timesteps[t_best], "pck": float(table[t_best, l_best])},
     }
-    return best[2], best[3], raw_table, best[1]
+    return raw_table, (layers[l_best], t_best)
 
 
 def _write_outputs(request: EvalRequest, dataset: Dataset, pairs, predictions, metrics, raw_table, mixing, log) -> None:
-    from dhf_cache import plots, report
+    from dhf_cache.reports import plots
+    from dhf_cache.reports import report
 
     out = request.out
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -452,7 +562,7 @@ def _write_outputs(request: EvalRequest, dataset: Dataset, pairs, predictions, m
                 "pair": pair.name, "category": pair.category,
                 "src_kps": pair.src_kps.tolist(), "trg_kps": pair.trg_kps.tolist(),
                 "pred_kps": [[None if not np.isfinite(v) else round(float(v), 3) for v in p] for p in pred],
-                "trg_bndbox": list(pair.trg_bbox), "trg_imsize": list(pair.trg_size),
+                "trg_bndbox": list(pair.trg_bbox), "trg_imsize": list(pair.trg_size), "flags": pair.flags,
             }) + "\n")
     if raw_table is not None:
         (out / "raw_sweep.json").write_text(json.dumps(raw_table, indent=2) + "\n")
@@ -466,7 +576,7 @@ def _write_outputs(request: EvalRequest, dataset: Dataset, pairs, predictions, m
     paths = {r.id: r.path for r in dataset.images(request.split) if r.path is not None and not r.error}
     drawings = out / "correspondences"
     drawings.mkdir(exist_ok=True)
-    from dhf_cache.images import load_image
+    from dhf_cache.datasets.images import load_image
 
     for k, (pair, pred) in enumerate(zip(pairs[: request.drawings], predictions)):
         if pair.src not in paths or pair.trg not in paths or len(pred) == 0:

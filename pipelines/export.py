@@ -16,7 +16,7 @@ from typing import Callable
 
 from PIL import Image
 
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.datasets import safe_join
 from dhf_cache.errors import CacheError, DatasetError
 from dhf_cache.progress import progress_bar

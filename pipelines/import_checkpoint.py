@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import CHECKPOINT_NAMES, find_checkpoint, make_config, save_checkpoint, write_json
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.aggregator.checkpoint import CHECKPOINT_NAMES, find_checkpoint, make_config, save_checkpoint, write_json
 from dhf_cache.config import SD15_SAVE_STEPS, SchedulerSpec
 from dhf_cache.errors import CheckpointError, ReferenceCheckpointError
-from dhf_cache.feature_loader import select_features
-from dhf_cache.interop import load_reference_aggregator, load_reference_checkpoint, reference_layout, reference_time_axis
-from dhf_cache.layers import LayerInfo
+from dhf_cache.cache.feature_loader import select_features
+from dhf_cache.aggregator.interop import load_reference_aggregator, load_reference_checkpoint, reference_layout, reference_time_axis
+from dhf_cache.cache.layers import LayerInfo
 from dhf_cache.pipelines.train import features_binding
 
 # Native sizes at 512 px of the reference's up-block resnets, in its order (METHOD.md).
@@ -23,7 +23,7 @@ _SD_SIDES = (8, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64)
 
 
 def _reference_timesteps(file: Path, config: dict, n_timesteps: int) -> list[int]:
-    from dhf_cache.inversion import make_schedule
+    from dhf_cache.sources.sd.inversion import make_schedule
 
     try:
         axis = reference_time_axis(config)

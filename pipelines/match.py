@@ -17,9 +17,9 @@ import numpy as np
 from dhf_cache.api import Hyperfeatures, check_points, grid_points
 from dhf_cache.config import EVAL_LOAD_SIZE
 from dhf_cache.errors import UsageError
-from dhf_cache.images import load_image
-from dhf_cache.matching import parse_refine
-from dhf_cache.plots import draw_correspondences
+from dhf_cache.datasets.images import load_image
+from dhf_cache.correspondence.matching import parse_refine
+from dhf_cache.reports.plots import draw_correspondences
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A training run's folder (RUN/): opened as a new run, a restart or a resume, with the options
 to train with; on resume, the run's weights, optimizer and metrics brought back to its newest
 complete checkpoint. `pipelines/train.py` calls `open_run` before the cache is read and
-`start_run` once the network exists. Layout: dhf_cache/checkpoint.py.
+`start_run` once the network exists. Layout: dhf_cache/aggregator/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from dhf_cache.checkpoint import (MODEL_FILE, STATE_FILE, find_checkpoint, load_optimizer_state, load_weights,
+from dhf_cache.aggregator.checkpoint import (MODEL_FILE, STATE_FILE, find_checkpoint, load_optimizer_state, load_weights,
                                   one_line_errors, promote_checkpoint, read_config, read_json, write_json)
 from dhf_cache.config import TrainOptions
 from dhf_cache.errors import CheckpointError
-from dhf_cache.fingerprint import spec_differences
+from dhf_cache.cache.fingerprint import spec_differences
 
 if TYPE_CHECKING:
     from dhf_cache.pipelines.train import TrainRequest

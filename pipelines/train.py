@@ -7,7 +7,7 @@ computes exactly what an uninterrupted one does.
 
 Every interruption can be resumed by rerunning the same command with --resume: a run killed
 before its first checkpoint starts again at step 0 (nothing trained was kept), one killed
-mid-save resumes from its newest complete checkpoint (dhf_cache/checkpoint.py), and Ctrl-C
+mid-save resumes from its newest complete checkpoint (dhf_cache/aggregator/checkpoint.py), and Ctrl-C
 saves the last finished step before exiting. metrics.jsonl is flushed every step, before the
 checkpoint of that step, so a checkpoint at step s always has the metric lines up to s.
 """
@@ -28,20 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dhf_cache.aggregator import AggregationNetwork
-from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import checkpoint_source, make_config, save_checkpoint
+from dhf_cache.aggregator.network import AggregationNetwork
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.aggregator.checkpoint import checkpoint_source, make_config, save_checkpoint
 from dhf_cache.config import TrainOptions
 from dhf_cache.datasets import PairRecord, open_dataset
-from dhf_cache.descriptors import LRUDescriptors, network_descriptors
+from dhf_cache.correspondence.descriptors import LRUDescriptors, network_descriptors
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import TrainingError, UsageError
-from dhf_cache.feature_loader import (FeatureReader, FeatureSelection, Prefetcher, SourcesReader, select_across_sources,
+from dhf_cache.cache.feature_loader import (FeatureReader, FeatureSelection, Prefetcher, SourcesReader, select_across_sources,
                                      select_features)
-from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
+from dhf_cache.aggregator.losses import grid_keypoints, symmetric_ce_loss
 from dhf_cache.progress import progress_bar
 from dhf_cache.pipelines.run_folder import open_run, start_run
-from dhf_cache.scoring import score_pairs
+from dhf_cache.correspondence.scoring import score_pairs
 
 VAL_METRIC = "bbox@0.1"
 

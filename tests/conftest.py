@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from dhf_cache.tiny_model import write_tiny_model
+    from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_model_dir):
     """The tiny model loaded on the CPU in float32 (do not modify: shared by tests)."""
-    from dhf_cache.backbone import load_backbone
+    from dhf_cache.sources.sd.backbone import load_backbone
 
     return load_backbone(str(tiny_model_dir)).to("cpu")
 
@@ -41,7 +41,7 @@ def tiny_backbone(tiny_model_dir):
 @pytest.fixture(scope="session")
 def mini_spair(tmp_path_factory) -> Path:
     """8 images (2 photos x 4 views, trn and test) in the SPair-71k layout, 64 px high."""
-    from dhf_cache.sample_data import PHOTOS, write_sample_data
+    from dhf_cache.datasets.sample_data import PHOTOS, write_sample_data
 
     root = tmp_path_factory.mktemp("data") / "mini-spair"
     write_sample_data(root, seed=0, size=64, split_views={"trn": 2, "test": 2}, photos=PHOTOS[:2])
@@ -51,7 +51,7 @@ def mini_spair(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_data(tmp_path_factory) -> Path:
     """16 images (2 photos x 8 views: 4 trn, 2 val, 2 test) for training tests, 64 px high."""
-    from dhf_cache.sample_data import PHOTOS, write_sample_data
+    from dhf_cache.datasets.sample_data import PHOTOS, write_sample_data
 
     root = tmp_path_factory.mktemp("data") / "train-spair"
     write_sample_data(root, seed=1, size=64, split_views={"trn": 4, "val": 2, "test": 2}, photos=PHOTOS[:2])
@@ -150,3 +150,11 @@ def small_build_args(dataset: str, cache: Path, model: Path, *extra: str) -> lis
         "--load-size", "64", "--image-size", "64", "--steps", "10", "--save-steps", "9,5,0",
         "--device", "cpu", "--no-progress", *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory) -> Path:
+    """The tiny seeded DINOv2 (patch 14, 4 layers), saved and loaded through from_pretrained."""
+    from dhf_cache.sources.dinov2 import write_tiny_dinov2
+
+    return write_tiny_dinov2(tmp_path_factory.mktemp("models") / "dino", seed=0)

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dhf_cache.aggregator import (
+from dhf_cache.aggregator.network import (
     AggregationNetwork,
     BottleneckBlock,
     bottleneck_parameter_count,
     parameter_count,
 )
 from dhf_cache.errors import UsageError
-from dhf_cache.layers import LayerInfo
+from dhf_cache.cache.layers import LayerInfo
 
 SD15_LAYERS = [
     LayerInfo(f"up_blocks.{i}.resnets.{j}", c, s, s)

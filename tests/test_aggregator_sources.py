@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dhf_cache.aggregator import (
+from dhf_cache.aggregator.network import (
     LEGACY_SOURCE_NAME,
     AggregationNetwork,
     BottleneckBlock,
@@ -24,7 +24,7 @@ from dhf_cache.aggregator import (
     parameter_count_sources,
 )
 from dhf_cache.errors import UsageError
-from dhf_cache.layers import LayerInfo
+from dhf_cache.cache.layers import LayerInfo
 
 P, S, G = 32, 8, 8  # projection dim, output grid, GroupNorm groups: tiny but complete
 SD = SourceMaps("sd", (LayerInfo("up.0", 24, 4, 4), LayerInfo("up.1", 40, 8, 8), LayerInfo("up.2", 16, 16, 16)), 4)

@@ -297,7 +297,7 @@ def test_images_fifo_is_an_image_error_unopened(tmp_path):
     code = """
 import json, sys
 from dhf_cache.errors import ImageError
-from dhf_cache.images import image_size, load_image
+from dhf_cache.datasets.images import image_size, load_image
 out = []
 for read in (load_image, image_size):
     try:

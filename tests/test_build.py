@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import cli, done_flags, small_build_args, source_dir, start_cli, wait_for_first_done
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.cli.app import app
 from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
 
@@ -195,7 +195,7 @@ def test_info_describes_the_cache_truthfully(tmp_path, mini_spair, tiny_model_di
 
 
 def test_info_estimates_the_disk_a_build_still_needs(tmp_path, mini_spair, tiny_model_dir):
-    from dhf_cache.disk_space import bytes_per_image
+    from dhf_cache.cache.disk_space import bytes_per_image
 
     cache = tmp_path / "c.zarr"
     args = small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--split", "test")
@@ -334,7 +334,7 @@ def test_lossy_codecs_store_bounded_errors_and_are_smaller(tmp_path, mini_spair,
     assert bad.exit_code == 2 and "keepbits" in bad.output
 
     # quant8: each (timestep, channel) map as uint8 codes with its own minimum and step
-    from dhf_cache.quant8 import dequantize, quantize
+    from dhf_cache.cache.quant8 import dequantize, quantize
 
     q8 = small_build_args(f"spair:{mini_spair}", tmp_path / "q8.zarr", tiny_model_dir, "--split", "test",
                           "--codec", "quant8")

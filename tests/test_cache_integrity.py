@@ -15,16 +15,16 @@ import zarr
 from typer.testing import CliRunner
 from zarr.storage import LocalStore
 
-import dhf_cache.cache as cache_mod
+import dhf_cache.cache.feature_cache as cache_mod
 from conftest import SMALL_NET, source_dir
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
 from dhf_cache.config import BuildSpec, FeatureSpace, ModelIdentity
-from dhf_cache.direct_chunks import direct_array
+from dhf_cache.cache.direct_chunks import direct_array
 from dhf_cache.errors import CacheError
-from dhf_cache.feature_loader import FeatureReader, select_features
-from dhf_cache.layers import LayerInfo
+from dhf_cache.cache.feature_loader import FeatureReader, select_features
+from dhf_cache.cache.layers import LayerInfo
 
 runner = CliRunner()
 SPEC = BuildSpec(feature_space=FeatureSpace(

@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 from conftest import ROOT, cli, small_build_args, source_dir, wait_for_first_done
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 
 
 def _arrays(path) -> dict[str, np.ndarray]:

@@ -52,7 +52,7 @@ def test_every_stage_runs_on_cuda(tmp_path):
 
 
 def test_features_reach_the_host_through_pinned_memory_unchanged():
-    from dhf_cache.extract import to_host
+    from dhf_cache.sources.sd.extract import to_host
 
     gen = torch.Generator("cuda").manual_seed(0)
     on_gpu = {"a": torch.randn(2, 11, 8, 4, 4, device="cuda", generator=gen).half(),

@@ -15,7 +15,8 @@ def test_demo_runs_every_stage_and_prints_the_comparison(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "PCK@0.1 on the sample data's test pairs (30 pairs" in out
-    assert "trained aggregator" in out and "best raw map (up_blocks." in out
+    assert "trained aggregator" in out and "one raw map, best on val (up_blocks." in out
+    assert "95% bootstrap interval over the 30 pairs" in out and "Why the trained network need not win" in out
     for stage in ("stage one", "stage two", "stage three"):
         assert stage in result.stderr
     info = json.loads(cli("info", str(work / "features.zarr"), "--json").stdout)
@@ -23,6 +24,7 @@ def test_demo_runs_every_stage_and_prints_the_comparison(tmp_path):
     trained = json.loads((work / "eval" / "trained" / "metrics.json").read_text())
     raw = json.loads((work / "eval" / "raw-best" / "metrics.json").read_text())
     assert trained["n_pairs"] == raw["n_pairs"] == 30
+    assert raw["options"]["select_split"] == "val"  # the raw map is never chosen on the pairs it is scored on
     assert (work / "run" / "best" / "model.safetensors").is_file()
     # a second run reuses the cache, the finished run and the stored descriptors
     again = cli(*args, timeout=900)

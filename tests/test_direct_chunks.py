@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import zarr
 
-import dhf_cache.cache as cache_mod
+import dhf_cache.cache.feature_cache as cache_mod
 from conftest import source_dir
-from dhf_cache.cache import FeatureCache
-from dhf_cache.direct_chunks import ChunkProblem, direct_array, read_chunk, write_chunk
-from dhf_cache.feature_loader import FeatureReader, select_features
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.cache.direct_chunks import ChunkProblem, direct_array, read_chunk, write_chunk
+from dhf_cache.cache.feature_loader import FeatureReader, select_features
 
 
 def test_direct_reads_equal_zarr_reads_for_every_layer_and_image(train_cache):
@@ -157,7 +157,7 @@ def test_a_failed_chunk_write_leaves_the_image_not_done(tmp_path, train_cache):
 
 
 def _image_of(url, index):
-    from dhf_cache.extract import ExtractedImage
+    from dhf_cache.sources.sd.extract import ExtractedImage
 
     cache = FeatureCache.open(str(url))
     return ExtractedImage(cache.read_latent(index), cache.read_features(index), None)

@@ -9,12 +9,12 @@ import shutil
 import pytest
 
 from conftest import source_dir
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.config import BuildSpec, CodecSpec, FeatureSpace, ModelIdentity, StorageSpec
-from dhf_cache.disk_space import bytes_per_image, check_free_space, disk_bytes_per_image, human_bytes
+from dhf_cache.cache.disk_space import bytes_per_image, check_free_space, disk_bytes_per_image, human_bytes
 from dhf_cache.errors import StorageError
-from dhf_cache.layers import LayerInfo
-from dhf_cache.storage import local_path, stored_bytes
+from dhf_cache.cache.layers import LayerInfo
+from dhf_cache.cache.storage import local_path, stored_bytes
 
 SD15 = [LayerInfo(f"up_blocks.{i // 3}.resnets.{i % 3}", c, s, s)
         for i, (c, s) in enumerate([(1280, 8)] * 3 + [(1280, 16)] * 3 + [(640, 32)] * 3 + [(320, 64)] * 3)]

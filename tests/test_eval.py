@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from conftest import SMALL_NET, eval_args, invoke
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.datasets import open_dataset
-from dhf_cache.matching import match_points_reference
+from dhf_cache.correspondence.matching import match_points_reference
 
 
 
@@ -57,7 +57,7 @@ def test_checkpoint_eval_writes_every_output_and_reuses_descriptors(tmp_path, ru
     assert metrics["options"]["load_size"] == 64 and metrics["feature_source"] == "inversion"
     lines = [json.loads(l) for l in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4
-    assert set(lines[0]) == {"pair", "category", "src_kps", "trg_kps", "pred_kps", "trg_bndbox", "trg_imsize"}
+    assert set(lines[0]) == {"pair", "category", "src_kps", "trg_kps", "pred_kps", "trg_bndbox", "trg_imsize", "flags"}
     assert len(lines[0]["pred_kps"]) == len(lines[0]["trg_kps"])
     for name in ("report.md", "pck_per_category.png", "mixing_weights.png"):
         assert (tmp_path / "a" / name).stat().st_size > 0
@@ -94,11 +94,20 @@ def test_raw_best_sweeps_every_layer_and_timestep(tmp_path, cache_copy, train_da
     assert pck.shape == (3, 12) and table["timesteps"] == [-1, 300, 800]
     assert table["best"]["pck"] == pytest.approx(np.nanmax(pck))
     best = table["best"]
+    # chosen on the val split (the default), scored on test: the same as scoring that map by name
+    assert table["selected_on"] == {"split": "val", "n_pairs": 2}
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["pck"]["bbox@0.1"]["per_point"] == pytest.approx(best["pck"])
-    assert metrics["n_pairs"] == 2  # one pair per category
+    assert metrics["options"]["select_split"] == "val" and "(chosen on the val split)" in metrics["options"]["descriptor"]
+    assert metrics["n_pairs"] == 2  # one test pair per category
+    named = invoke(*eval_args(cache_copy, train_data, tmp_path / "named", "--raw", f"{best['layer']}@{best['timestep']}",
+                              "--limit-per-category", "1", "--drawings", "0"))
+    assert named.exit_code == 0, named.output
+    assert metrics["pck"] == json.loads((tmp_path / "named" / "metrics.json").read_text())["pck"]
     assert (tmp_path / "raw_sweep.png").stat().st_size > 0
     assert best["layer"] in (tmp_path / "report.md").read_text()
+    # never chosen on the scored split
+    same = invoke(*eval_args(cache_copy, train_data, tmp_path / "s", "--raw", "best", "--select-split", "test"))
+    assert same.exit_code == 1 and "chosen on the pairs it is scored on" in same.output
 
 
 def test_unknown_raw_layer_or_step_lists_the_valid_ones(tmp_path, cache_copy, train_data):

@@ -19,12 +19,12 @@ import zarr
 import zarr.codecs as zc
 
 from conftest import SMALL_NET, eval_args, invoke, source_dir, start_cli
-from dhf_cache.cache import FeatureCache
-from dhf_cache.descriptor_store import list_descriptor_sets
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.cache.descriptor_store import list_descriptor_sets
 from dhf_cache.errors import UsageError
 from dhf_cache.config import MAX_LOAD_SIZE
 from dhf_cache.pipelines.evaluate import EvalRequest, run_eval
-from dhf_cache.report import best_cell, render_report
+from dhf_cache.reports.report import best_cell, render_report
 
 
 
@@ -206,7 +206,7 @@ def test_raw_best_names_one_map_everywhere_when_two_tie(tmp_path, cache, train_d
     assert pck[a] == pck[b] and (np.delete(pck.ravel(), [np.ravel_multi_index(c, pck.shape) for c in (a, b)])
                                  < pck[a]).all(), "precondition: the two maps tie, above every other"
     metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
-    assert metrics["options"]["descriptor"] == "raw best: up_blocks.3.resnets.1@-1"
+    assert metrics["options"]["descriptor"] == "raw best: up_blocks.3.resnets.1@-1 (chosen on the val split)"
     assert (table["best"]["layer"], table["best"]["timestep"]) == ("up_blocks.3.resnets.1", -1)
     assert "Best (★): `up_blocks.3.resnets.1` at t = -1" in (tmp_path / "best" / "report.md").read_text()
     single = invoke(*eval_args(cache, train_data, tmp_path / "one", "--raw", "up_blocks.3.resnets.1@-1"))

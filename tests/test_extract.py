@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dhf_cache.cache import FeatureCache
-from dhf_cache.capture import resolve_layers
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.sources.sd.capture import resolve_layers
 from dhf_cache.config import BuildOptions, Preprocessing
 from dhf_cache.datasets import open_dataset
 from dhf_cache.errors import UsageError
-from dhf_cache.extract import image_seed
+from dhf_cache.sources.sd.extract import image_seed
 from dhf_cache.pipelines.build import BuildRequest, run_build
 
 PAPER_TIMESTEPS = [-1, 60, 160, 260, 360, 460, 560, 660, 760, 860, 960]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dhf_cache.config import BuildSpec, CodecSpec, FeatureSpace, ModelIdentity, StorageSpec
-from dhf_cache.fingerprint import canonical_json, spec_differences, spec_fingerprints
+from dhf_cache.cache.fingerprint import canonical_json, spec_differences, spec_fingerprints
 
 
 def _spec(**space) -> BuildSpec:

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import SMALL_NET, cli, done_flags, source_dir, start_cli, wait_for_first_done
-from dhf_cache.cache import FeatureCache
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
 

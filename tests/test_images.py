@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dhf_cache.errors import DhfCacheError, ImageError
-from dhf_cache.images import load_image, preprocess
+from dhf_cache.datasets.images import load_image, preprocess
 
 
 def _rgb(im: Image.Image) -> np.ndarray:

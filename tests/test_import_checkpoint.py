@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import check_features_match, load_checkpoint
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.aggregator.checkpoint import check_features_match, load_checkpoint
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
-from dhf_cache.interop import load_reference_aggregator, reference_positions
+from dhf_cache.aggregator.interop import load_reference_aggregator, reference_positions
 from test_interop import reference_state, save_like_reference
 
 runner = CliRunner()

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhf_cache.aggregator import AggregationNetwork
-from dhf_cache.layers import LayerInfo
-from dhf_cache.interop import (
+from dhf_cache.aggregator.network import AggregationNetwork
+from dhf_cache.cache.layers import LayerInfo
+from dhf_cache.aggregator.interop import (
     ReferenceCheckpointError,
     convert_reference_state_dict,
     load_reference_aggregator,

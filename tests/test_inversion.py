@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dhf_cache.config import SD15_SAVE_STEPS, FeatureSpace, Preprocessing, SchedulerSpec, default_save_steps
-from dhf_cache.extract import FeatureExtractor
-from dhf_cache.inversion import ddim_inversion_step, make_schedule
+from dhf_cache.sources.sd.extract import FeatureExtractor
+from dhf_cache.sources.sd.inversion import ddim_inversion_step, make_schedule
 
 
 def test_fifty_step_schedule_calls_unet_at_minus_one_then_every_twenty():

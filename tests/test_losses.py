@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dhf_cache.errors import UsageError
-from dhf_cache.losses import grid_keypoints, symmetric_ce_loss
+from dhf_cache.aggregator.losses import grid_keypoints, symmetric_ce_loss
 
 
 def desc_from_polar(angles_deg, norms, h=2, w=2):

@@ -15,15 +15,15 @@ from typer.testing import CliRunner
 
 from conftest import SMALL_NET, cli
 from dhf_cache.api import Hyperfeatures, check_points, grid_points
-from dhf_cache.checkpoint import read_json, write_json
+from dhf_cache.aggregator.checkpoint import read_json, write_json
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
 from dhf_cache.cli.match_cmd import parse_points
 from dhf_cache.config import Preprocessing
 from dhf_cache.datasets import open_dataset
 from dhf_cache.errors import CacheError, CheckpointError, UsageError
-from dhf_cache.images import load_image
-from dhf_cache.onthefly import derive_save_steps, pixel_id
+from dhf_cache.datasets.images import load_image
+from dhf_cache.sources.onthefly import derive_save_steps, pixel_id
 
 runner = CliRunner()
 
@@ -107,8 +107,8 @@ def test_onthefly_descriptors_equal_cached_ones(hf, test_pair, train_cache):
 
 
 def test_another_model_is_refused_naming_both_hashes(run, test_pair, tmp_path):
-    from dhf_cache.backbone import load_backbone
-    from dhf_cache.tiny_model import write_tiny_model
+    from dhf_cache.sources.sd.backbone import load_backbone
+    from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
     other = write_tiny_model(tmp_path / "other-tiny", seed=1)
     _, a, b = test_pair

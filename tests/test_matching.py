@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dhf_cache.errors import UsageError
-from dhf_cache.matching import (
+from dhf_cache.correspondence.matching import (
     WindowSoftArgmax,
     first_argmax,
     from_load,
@@ -100,7 +100,7 @@ def test_prepared_inputs_reused_and_checked():
     ps, pt = prepare_target(src, 30), prepare_target(trg, 30)
     raw = match_points(src, trg, kps, (100, 100), (100, 100), 30)
     np.testing.assert_array_equal(match_points(ps, pt, kps, (100, 100), (100, 100), 30), raw)
-    with pytest.raises(ValueError, match="load size"):
+    with pytest.raises(ValueError, match="prepared for grid"):
         match_points(src, pt, kps, (100, 100), (100, 100), 40)
     with pytest.raises(ValueError, match="channels"):
         match_points(rand_map(8, p=5), pt, kps, (100, 100), (100, 100), 30)
@@ -162,3 +162,21 @@ def test_fast_matches_reference_on_cuda():
     fast = match_points(src, trg, kps, (100, 100), (100, 100), 40)
     assert (np.abs(ref - fast).max(axis=1) > 1e-9).sum() <= 1
     np.testing.assert_allclose(match_points(src.cpu(), trg.cpu(), kps, (100, 100), (100, 100), 40), fast)
+
+
+@pytest.mark.parametrize("match_at", ["original", "square"])
+def test_other_grids_equal_the_plain_protocol_on_that_grid(match_at):
+    """DIFT matches at each image's own size, SD+DINO in the aspect-preserving square: the fast
+    path equals the plain upsample-everything protocol on those grids too."""
+    from dhf_cache.correspondence.matching import match_grid
+
+    src, trg = rand_map(11, h=12, w=10), rand_map(12, h=9, w=12)
+    kps = np.random.default_rng(5).uniform(0, 60, size=(12, 2))
+    src_size, trg_size = (61, 75), (90, 67)
+    assert match_grid("original", 40, trg_size) == (90, 67)
+    assert match_grid("square", 40, trg_size) == (40, 30) and match_grid("square", 40, src_size) == (33, 40)
+    fast = match_points(src, trg, kps, src_size, trg_size, 40, match_at=match_at)
+    plain = match_points_reference(src, trg, kps, src_size, trg_size, 40, match_at=match_at)
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-6)
+    # a different grid really gives other predictions than the load square
+    assert not np.allclose(fast, match_points(src, trg, kps, src_size, trg_size, 40))

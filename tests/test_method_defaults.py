@@ -14,9 +14,9 @@ import typer
 
 from dhf_cache.cli import main as _register  # noqa: F401  (registers the commands)
 from dhf_cache.cli.app import app
-from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, EVAL_LOAD_SIZE, PCK_ALPHAS, SD15_MODEL_ID, SD15_SAVE_STEPS,
+from dhf_cache.config import (DEFAULT_LAYERS, DEFAULT_STEPS, FAMILY_DEFAULT_LAYERS, EVAL_LOAD_SIZE, PCK_ALPHAS, SD15_MODEL_ID, SD15_SAVE_STEPS,
                               BuildOptions, CodecSpec, GenerationSpec, Preprocessing, SchedulerSpec, TrainOptions, default_save_steps)
-from dhf_cache.pck import PCKAccumulator
+from dhf_cache.correspondence.pck import PCKAccumulator
 from dhf_cache.pipelines.build import BuildRequest
 from dhf_cache.pipelines.evaluate import EvalRequest
 from dhf_cache.pipelines.match import MatchRequest
@@ -45,12 +45,12 @@ def test_build_defaults_are_the_reference_inversion():
     assert (s.beta_start, s.beta_end, s.beta_schedule, s.num_train_timesteps, s.steps_offset) == (
         0.00085, 0.012, "scaled_linear", 1000, 0)
     assert DEFAULT_STEPS == 50 and default_save_steps(50) == SD15_SAVE_STEPS == (49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0)
-    assert DEFAULT_LAYERS == "up"
+    assert DEFAULT_LAYERS == "up" and FAMILY_DEFAULT_LAYERS == {"sd": "up", "sdxl": "up", "dinov2": "last"}
     p = Preprocessing()
     assert (p.load_size, p.image_size, p.resampling, p.latent) == (512, 512, "bilinear", "sample")
     assert GenerationSpec().guidance == 7.5
     request = BuildRequest(dataset=None, cache_url="c.zarr", model="m")
-    assert (request.steps, request.layers, request.preprocessing) == (50, "up", p)
+    assert (request.steps, request.layers, request.preprocessing) == (50, None, p)  # None: the family's default
 
 
 def test_eval_defaults_are_the_paper_protocol():
@@ -74,7 +74,7 @@ def test_build_cli_defaults_are_the_config_defaults():
     p, g, c, b = Preprocessing(), GenerationSpec(), CodecSpec(), BuildOptions()
     assert cli["model"] == SD15_MODEL_ID
     assert (cli["load_size"], cli["image_size"], cli["seed"]) == (p.load_size, p.image_size, p.seed)
-    assert (cli["steps"], cli["layers"], cli["save_steps"]) == (DEFAULT_STEPS, DEFAULT_LAYERS, None)
+    assert (cli["steps"], cli["layers"], cli["save_steps"]) == (DEFAULT_STEPS, None, None)  # None: FAMILY_DEFAULT_LAYERS
     assert (cli["guidance"], cli["negative_prompt"]) == (g.guidance, g.negative_prompt)
     assert (cli["codec"], cli["zstd_level"], cli["keepbits"]) == (c.name, c.level, c.keepbits)
     assert (cli["batch_size"], cli["max_pixels"]) == (b.batch_size, b.max_pixels)
@@ -83,7 +83,15 @@ def test_build_cli_defaults_are_the_config_defaults():
 @pytest.mark.parametrize("command", ["eval", "match"])
 def test_eval_cli_defaults_are_the_config_defaults(command):
     cli = cli_defaults(command)
-    assert cli["load_size"] == EVAL_LOAD_SIZE
+    if command == "eval":  # the matching options default to the protocol's, the paper's by default
+        from dhf_cache.correspondence.protocols import PROTOCOLS
+
+        assert cli["protocol"] == "dhf" and (cli["load_size"], cli["match_at"], cli["refine"]) == (None, None, None)
+        dhf = PROTOCOLS["dhf"]
+        assert (dhf.load_size, dhf.match_at, dhf.refine, dhf.base, dhf.inequality, dhf.averagings, dhf.alpha) == (
+            EVAL_LOAD_SIZE, "load", "none", "bbox", "<=", ("per_point",), 0.1)
+    else:
+        assert cli["load_size"] == EVAL_LOAD_SIZE
     if command == "eval":
         assert tuple(float(a) for a in cli["alpha"].split(",")) == PCK_ALPHAS
         assert cli["split"] == "test"

@@ -10,7 +10,7 @@ import pytest
 
 from dhf_cache.datasets.base import PairRecord
 from dhf_cache.errors import UsageError
-from dhf_cache.pck import PCKAccumulator, bbox_length, image_length
+from dhf_cache.correspondence.pck import PCKAccumulator, bbox_length, image_length
 
 # target image 400 x 300, box 200 x 100: L_bbox = 200, L_img = 400
 SIZE = (400, 300)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dhf_cache.errors import UsageError
-from dhf_cache.plots import (
+from dhf_cache.reports.plots import (
     CORRECT_COLOUR,
     NEUTRAL_COLOUR,
     WRONG_COLOUR,
@@ -18,7 +18,7 @@ from dhf_cache.plots import (
     plot_pck_table,
     short_layer_name,
 )
-from dhf_cache.report import render_report, write_report
+from dhf_cache.reports.report import render_report, write_report
 
 LAYERS = [f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)]
 TIMESTEPS = [-1, 60, 160, 260, 360, 460, 560, 660, 760, 860, 960]

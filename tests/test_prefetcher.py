@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dhf_cache.errors import UsageError
-from dhf_cache.feature_loader import Prefetcher, default_loader_workers, usable_cores
+from dhf_cache.cache.feature_loader import Prefetcher, default_loader_workers, usable_cores
 
 
 def test_results_come_in_order_whatever_finishes_first():

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dhf_cache import sample_data
+from dhf_cache.datasets import sample_data
 from dhf_cache.datasets import open_dataset
-from dhf_cache.images import load_image
-from dhf_cache.sample_data import PHOTOS, _apply, _homography, _view, write_sample_data
+from dhf_cache.datasets.images import load_image
+from dhf_cache.datasets.sample_data import PHOTOS, _apply, _homography, _view, write_sample_data
 
 SMALL = {"trn": 2, "test": 2}  # a small configuration (no val split)
 LAYOUT = {"trn": 2, "val": 2, "test": 2}  # every split has pairs

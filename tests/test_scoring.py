@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from dhf_cache.datasets import PairRecord
-from dhf_cache.matching import WindowSoftArgmax, match_points
-from dhf_cache.scoring import keypoints_per_chunk, score_pairs
+from dhf_cache.correspondence.matching import WindowSoftArgmax, match_points
+from dhf_cache.correspondence.scoring import keypoints_per_chunk, score_pairs
 
 
 def _pairs(rng, ids, n_pairs, n_kps):
@@ -55,3 +55,16 @@ def test_scoring_does_not_depend_on_workers():
     assert serial_acc.summary() == parallel_acc.summary()
     # one call per target and one per pair's source, in both runs
     assert len(calls) == 2 * (len({p.trg for p in pairs}) + len(pairs))
+
+
+def test_batched_scoring_equals_per_pair_matching_at_every_grid():
+    """--match-at original (DIFT) and square (SD+DINO): each image on its own grid."""
+    rng = np.random.default_rng(3)
+    maps = {f"im{i}": torch.from_numpy(rng.standard_normal((16, 12, 10)).astype(np.float32)).relu() for i in range(4)}
+    pairs = _pairs(rng, list(maps), 6, 5)
+    for match_at in ("original", "square"):
+        _, got = score_pairs(pairs, maps.__getitem__, 56, match_at=match_at)
+        for pair, pred in zip(pairs, got):
+            want = match_points(maps[pair.src], maps[pair.trg], pair.src_kps, pair.src_size, pair.trg_size, 56,
+                                match_at=match_at)
+            np.testing.assert_allclose(pred, want, rtol=0, atol=1e-4)

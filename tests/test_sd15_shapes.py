@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dhf_cache.capture import FeatureCapture, resolve_layers
-from dhf_cache.tiny_model import build_sd15_unet
+from dhf_cache.sources.sd.capture import FeatureCapture, resolve_layers
+from dhf_cache.sources.sd.tiny_model import build_sd15_unet
 
 # METHOD.md, "Which feature maps", at 512 px input (64x64 latent)
 EXPECTED = (

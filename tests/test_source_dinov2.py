@@ -20,6 +20,7 @@ from dhf_cache.sources.dinov2 import (
     layer_table,
     load_dinov2,
     preprocess_dinov2,
+    resolve_dinov2_layers,
     write_tiny_dinov2,
 )
 
@@ -185,6 +186,11 @@ def test_feature_space_and_layer_checks(tiny_dirs):
         Dinov2FeatureSpace(kind="dinov2", model=identity, layers=(), image_size=56)
     with pytest.raises(ValidationError, match="not DINOv2 layer names"):
         Dinov2FeatureSpace(kind="dinov2", model=identity, layers=("blocks.3",), image_size=56)
+    # DINOv2's sizes are multiples of its patch, not of SD's VAE factor 8 (its own default is 518)
+    from dhf_cache.config import BuildSpec, Preprocessing
+
+    odd = Dinov2FeatureSpace(kind="dinov2", model=identity, layers=("layernorm",), image_size=70)
+    assert BuildSpec(feature_space=odd, preprocessing=Preprocessing(load_size=70, image_size=70))
 
     with pytest.raises(UsageError) as info:
         extract_dinov2(backbone, torch.zeros(1, 3, 56, 56), ["encoder.layer.4"])
@@ -193,6 +199,10 @@ def test_feature_space_and_layer_checks(tiny_dirs):
     assert "available: encoder.layer.0, encoder.layer.1, encoder.layer.2, encoder.layer.3, layernorm" in message
     with pytest.raises(UsageError, match="unknown layer"):
         layer_table(backbone, 56, ["blocks.0"])
+    assert resolve_dinov2_layers(backbone, "last") == ("layernorm",)
+    assert resolve_dinov2_layers(backbone, "all")[-1] == "layernorm"
+    with pytest.raises(UsageError, match="up"):  # SD's layer sets mean nothing here
+        resolve_dinov2_layers(backbone, "up")
     with pytest.raises(UsageError, match="patch size 14"):
         extract_dinov2(backbone, torch.zeros(1, 3, 50, 50), ["layernorm"])
 

@@ -132,7 +132,7 @@ def test_unet_call_needs_added_cond_kwargs_and_gives_the_pipelines_output(pipe, 
 
 
 def test_up_block_layers_are_captures_up_set_and_are_captured(backbone):
-    from dhf_cache.capture import FeatureCapture, resolve_layers
+    from dhf_cache.sources.sd.capture import FeatureCapture, resolve_layers
 
     layers = up_block_layers(backbone.unet)
     assert layers == [f"up_blocks.{b}.resnets.{r}" for b in range(3) for r in range(3)]

@@ -22,13 +22,6 @@ from conftest import SMALL_NET, invoke, small_build_args, source_dir
 TRAIN_STEPS = ["--steps", "3", "--val-every", "3", "--val-pairs-per-category", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dino_dir(tmp_path_factory) -> Path:
-    from dhf_cache.sources.dinov2 import write_tiny_dinov2
-
-    return write_tiny_dinov2(tmp_path_factory.mktemp("models") / "dino", seed=0)
-
-
 def dino_build_args(data: Path, cache: Path, model: Path, *extra: str) -> list[str]:
     return ["build", "--dataset", f"spair:{data}", "--cache", str(cache), "--model", str(model),
             "--load-size", "56", "--image-size", "56", "--device", "cpu", "--no-progress", *extra]
@@ -74,7 +67,7 @@ def test_stored_dinov2_maps_equal_a_recomputation_with_hooks(two_sources, mini_s
     from PIL import Image
     from transformers import Dinov2Model
 
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
 
     cache = FeatureCache.open(str(two_sources[0]), source="dinov2")
     model = Dinov2Model.from_pretrained(tiny_dino_dir).eval()
@@ -110,7 +103,7 @@ def test_a_source_over_other_images_is_refused_naming_them(tmp_path, two_sources
 
 
 def test_commands_on_a_cache_of_several_sources_say_which(tmp_path, two_sources, mini_spair):
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
     from dhf_cache.errors import UsageError
 
     url = str(two_sources[0])
@@ -180,7 +173,7 @@ def format_1_cache(tmp_path, format_1_original) -> Path:
 
 
 def test_a_format_1_cache_is_read_as_one_source(format_1_cache, mini_spair, tiny_model_dir, tiny_dino_dir, tmp_path):
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
 
     cache = FeatureCache.open(str(format_1_cache))
     assert cache.name == "sd" and cache.format_version == 1 and cache.group.path == ""
@@ -210,7 +203,7 @@ def test_a_format_1_cache_is_read_as_one_source(format_1_cache, mini_spair, tiny
 
 
 def test_migrate_moves_folders_without_rewriting_a_chunk(format_1_cache, mini_spair, tiny_dino_dir):
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
 
     features_before = cache_read(format_1_cache)
     before = {k: v for k, v in files_of(format_1_cache).items() if k != "zarr.json"}
@@ -224,18 +217,22 @@ def test_migrate_moves_folders_without_rewriting_a_chunk(format_1_cache, mini_sp
     assert "already format 2: nothing to do" in invoke("migrate", str(format_1_cache)).output
     added = invoke(*dino_build_args(mini_spair, format_1_cache, tiny_dino_dir, "--limit", "4"))
     assert added.exit_code == 0, added.output
+    from dhf_cache.cache.feature_cache import FeatureCache
+
+    # no --layers: DINOv2's own default (its final layernorm), not SD's "up"
+    assert [layer.name for layer in FeatureCache.open(str(format_1_cache), source="dinov2").layers] == ["layernorm"]
 
 
 def cache_read(url: Path) -> dict:
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
 
     cache = FeatureCache.open(str(url))
     return {(i, k): v.tobytes() for i in range(len(cache.image_ids)) for k, v in cache.read_features(i).items()}
 
 
 def test_a_killed_migrate_is_finished_by_rerunning_it(format_1_cache, monkeypatch):
-    from dhf_cache import migrate as migrate_module
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache import migrate as migrate_module
+    from dhf_cache.cache.feature_cache import FeatureCache
     from dhf_cache.errors import CacheError
 
     want = cache_read(format_1_cache)
@@ -265,9 +262,9 @@ def test_a_killed_migrate_is_finished_by_rerunning_it(format_1_cache, monkeypatc
 
 def test_a_fused_aggregator_trains_resumes_and_evaluates_across_sources(tmp_path, two_sources, mini_spair):
     """All SD maps plus DINOv2's last layer, from the one cache, without re-extraction."""
-    from dhf_cache.cache import FeatureCache
-    from dhf_cache.checkpoint import load_checkpoint
-    from dhf_cache.feature_loader import SourcesReader, select_across_sources
+    from dhf_cache.cache.feature_cache import FeatureCache
+    from dhf_cache.aggregator.checkpoint import load_checkpoint
+    from dhf_cache.cache.feature_loader import SourcesReader, select_across_sources
 
     url, run = str(two_sources[0]), tmp_path / "fused"
     common = ["--cache", url, "--dataset", f"spair:{mini_spair}", "--out", run, "--device", "cpu", "--no-progress"]
@@ -329,7 +326,7 @@ def test_zero_shot_fusion_of_raw_maps_is_the_sd_dino_recipe(tmp_path, two_source
     """`--raw A+B`: each map L2-normalised per pixel, resized to the largest grid, concatenated."""
     import torch.nn.functional as F
 
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
     from dhf_cache.pipelines.evaluate import _fused_raw_provider, parse_raw_part
 
     url = str(two_sources[0])
@@ -362,7 +359,7 @@ def test_sdxl_maps_are_built_into_a_cache_and_equal_an_independent_inversion(tmp
     SD 1.5 DDIM inversion of METHOD.md written out, conv2 outputs captured with plain hooks."""
     from diffusers import StableDiffusionXLPipeline
 
-    from dhf_cache.cache import FeatureCache
+    from dhf_cache.cache.feature_cache import FeatureCache
     from dhf_cache.sources.sdxl import write_tiny_sdxl
 
     model = write_tiny_sdxl(tmp_path / "sdxl", seed=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from dhf_cache.tiny_model import SD15_UNET_CONFIG, TINY_UNET_CONFIG, write_tiny_model
+from dhf_cache.sources.sd.tiny_model import SD15_UNET_CONFIG, TINY_UNET_CONFIG, write_tiny_model
 
 
 def _digest(directory) -> dict[str, str]:
@@ -49,7 +49,7 @@ def test_the_readme_download_command_fetches_what_loading_needs(tmp_path, tiny_m
     import sys
     from pathlib import Path
 
-    from dhf_cache.backbone import HUB_FILES, download_command, load_backbone
+    from dhf_cache.sources.sd.backbone import HUB_FILES, download_command, load_backbone
     from dhf_cache.config import SD15_MODEL_ID
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -14,16 +14,16 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import ROOT, SMALL_NET
-from dhf_cache.cache import FeatureCache
-from dhf_cache.checkpoint import load_checkpoint
+from dhf_cache.cache.feature_cache import FeatureCache
+from dhf_cache.aggregator.checkpoint import load_checkpoint
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
 from dhf_cache.config import TrainOptions
 from dhf_cache.datasets import PairRecord, open_dataset
-from dhf_cache.descriptors import network_descriptors
-from dhf_cache.feature_loader import FeatureReader, default_loader_workers, select_features
+from dhf_cache.correspondence.descriptors import network_descriptors
+from dhf_cache.cache.feature_loader import FeatureReader, default_loader_workers, select_features
 from dhf_cache.pipelines.train import PairSchedule, pick_val_pairs
-from dhf_cache.scoring import score_pairs
+from dhf_cache.correspondence.scoring import score_pairs
 
 runner = CliRunner()
 
@@ -273,8 +273,8 @@ def test_train_options_are_validated():
 def test_step_inputs_reuse_their_buffers_and_train_the_same_weights():
     """Staging buffers kept across steps: same values as a fresh stack, same weights after 3 steps,
     and no new allocation per step (a new shape gets a new buffer)."""
-    from dhf_cache.aggregator import AggregationNetwork
-    from dhf_cache.layers import LayerInfo
+    from dhf_cache.aggregator.network import AggregationNetwork
+    from dhf_cache.cache.layers import LayerInfo
     from dhf_cache.pipelines.train import StepInputs, _Example, _train_step
 
     layers = [LayerInfo("a", 6, 4, 4), LayerInfo("b", 3, 8, 8)]

@@ -23,15 +23,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import SMALL_NET, cli, source_dir, start_cli
-from dhf_cache.aggregator import AggregationNetwork
+from dhf_cache.aggregator.network import AggregationNetwork
 from dhf_cache.api import Hyperfeatures
-from dhf_cache.checkpoint import (find_checkpoint, load_checkpoint, make_config, promote_checkpoint, read_json,
+from dhf_cache.aggregator.checkpoint import (find_checkpoint, load_checkpoint, make_config, promote_checkpoint, read_json,
                                   save_checkpoint, write_json)
 from dhf_cache.cli import main as _register  # noqa: F401
 from dhf_cache.cli.app import app
 from dhf_cache.errors import CheckpointError, ModelNotFoundError
-from dhf_cache.layers import LayerInfo
-from dhf_cache.onthefly import recorded_model
+from dhf_cache.cache.layers import LayerInfo
+from dhf_cache.sources.onthefly import recorded_model
 
 runner = CliRunner()
 RUN_OPTIONS = ("--seed", "3", "--pairs-per-step", "2", "--lr", "3e-3", "--val-every", "2")

@@ -14,14 +14,14 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from conftest import invoke, small_build_args
-from dhf_cache.backbone import load_backbone
-from dhf_cache.cache import FeatureCache
+from dhf_cache.sources.sd.backbone import load_backbone
+from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.config import FeatureSpace, Preprocessing, SchedulerSpec
 from dhf_cache.errors import UsageError
-from dhf_cache.extract import FeatureExtractor
-from dhf_cache.fingerprint import spec_fingerprints
-from dhf_cache.inversion import make_schedule, noise_estimate
-from dhf_cache.tiny_model import write_tiny_model
+from dhf_cache.sources.sd.extract import FeatureExtractor
+from dhf_cache.cache.fingerprint import spec_fingerprints
+from dhf_cache.sources.sd.inversion import make_schedule, noise_estimate
+from dhf_cache.sources.sd.tiny_model import write_tiny_model
 
 LAYERS = ("up_blocks.1.resnets.0", "up_blocks.3.resnets.2")
 
@@ -89,7 +89,7 @@ def test_epsilon_specs_keep_their_fingerprints():
     """An epsilon spec hashes as the JSON written before the field existed (no such key), so
     every existing cache and checkpoint keeps its fingerprint; a v spec does not."""
     from dhf_cache.config import BuildSpec, ModelIdentity
-    from dhf_cache.fingerprint import sha256_of
+    from dhf_cache.cache.fingerprint import sha256_of
 
     identity = ModelIdentity(unet_class="U", unet_sha256="u", vae_sha256="v", text_encoder_sha256="t")
     spec = BuildSpec(feature_space=FeatureSpace(model=identity, layers=LAYERS))

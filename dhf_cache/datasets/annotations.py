@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dhf_cache.errors import DatasetError
-from dhf_cache.files import NotRegularFileError, open_regular
+from dhf_cache.datasets.files import NotRegularFileError, open_regular
 
 
 

@@ -1,6 +1,6 @@
 """Dataset records, the `KIND:PATH` dataset specs used on the command line, and untrusted
 annotation text turned into paths (`safe_join`). Annotation values: annotations.py; opening
-only regular files: dhf_cache/files.py."""
+only regular files: dhf_cache/datasets/files.py."""
 
 from __future__ import annotations
 
@@ -47,10 +47,16 @@ class PairRecord:
     error: str | None = None
     # Correspondences dropped because a coordinate was not finite; the kept ones are all finite.
     dropped_kps: int = 0
+    # Benchmark-specific labels for breakdowns (SPair-71k's difficulty flags: viewpoint_variation,
+    # scale_variation, truncation, occlusion, each a small int); empty when the data set has none.
+    flags: dict[str, int] = field(default_factory=dict, compare=False)
 
 
 class Dataset(ABC):
     spec: str
+    # The threshold base its benchmark reports PCK with (docs/evaluation.md): "bbox" (max side of
+    # the target's box), "img" (of the target image) or "kps" (of the box around the target keypoints)
+    default_threshold: str = "bbox"
 
     @property
     def splits(self) -> list[str]:
@@ -94,16 +100,27 @@ def safe_join(root: Path, *parts: str) -> Path:
 
 def open_dataset(spec: str) -> Dataset:
     """`spair:PATH` (SPair-71k layout), `folder:PATH` (every image below PATH) or
-    `pairs:FILE.json` (users' own keypoint pairs)."""
+    `pairs:FILE.json` (users' own keypoint pairs); the public benchmarks in the layouts their
+    evaluation code reads (docs/datasets.md): `pfpascal:PATH`, `pfwillow:PATH`, `ap10k:PATH`,
+    `cub:PATH[?pairs=N&seed=S]`, `spairu:PATH` (SPair-U) and `dhf:PATH[?images=DIR]` (the
+    reference implementation's processed pairs JSON)."""
+    from dhf_cache.datasets.ap10k import AP10KDataset
+    from dhf_cache.datasets.cub import CUBDataset
+    from dhf_cache.datasets.dhf_pairs import DHFPairsDataset
     from dhf_cache.datasets.folder import FolderDataset
     from dhf_cache.datasets.pairs import PairsFileDataset
+    from dhf_cache.datasets.pf import PFPascalDataset, PFWillowDataset
     from dhf_cache.datasets.spair import SPairDataset
+    from dhf_cache.datasets.spair_u import SPairUDataset
 
-    kinds = {"spair": SPairDataset, "folder": FolderDataset, "pairs": PairsFileDataset}
+    kinds = {"spair": SPairDataset, "folder": FolderDataset, "pairs": PairsFileDataset,
+             "pfpascal": PFPascalDataset, "pfwillow": PFWillowDataset, "ap10k": AP10KDataset, "cub": CUBDataset,
+             "spairu": SPairUDataset, "dhf": DHFPairsDataset}
     kind, sep, path = spec.partition(":")
     if not sep or kind not in kinds or not path:
         raise DatasetError(
             f"--dataset {spec!r}: expected KIND:PATH with KIND one of {', '.join(sorted(kinds))}, "
-            "e.g. spair:/data/SPair-71k, folder:./photos or pairs:./my-pairs.json"
+            "e.g. spair:/data/SPair-71k, folder:./photos, pairs:./my-pairs.json or pfpascal:/data/PF-PASCAL "
+            "(docs/datasets.md)"
         )
     return kinds[kind](Path(path).expanduser(), spec)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dhf_cache.datasets.base import Dataset, ImageRecord
 from dhf_cache.errors import DatasetError, UsageError
-from dhf_cache.images import IMAGE_EXTENSIONS
+from dhf_cache.datasets.images import IMAGE_EXTENSIONS
 
 
 class FolderDataset(Dataset):

@@ -25,7 +25,7 @@ import numpy as np
 from dhf_cache.datasets.annotations import bounding_box, keypoint_pairs, read_annotation
 from dhf_cache.datasets.base import Dataset, ImageRecord, PairRecord, safe_join
 from dhf_cache.errors import DatasetError, ImageError
-from dhf_cache.images import image_size
+from dhf_cache.datasets.images import image_size
 
 
 @dataclass(frozen=True)

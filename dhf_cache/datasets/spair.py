@@ -132,6 +132,17 @@ class SPairDataset(Dataset):
                 name=name, category=cat, src=records[0].id, trg=records[1].id,
                 src_kps=src_kps, trg_kps=trg_kps, src_bbox=src_bbox, trg_bbox=trg_bbox,
                 src_size=src_size, trg_size=trg_size,
-                error="; ".join(errors) or None, dropped_kps=dropped,
+                error="; ".join(errors) or None, dropped_kps=dropped, flags=difficulty_flags(pair),
             ))
         return out
+
+
+# SPair-71k's per-pair difficulty annotations (its paper, section 3): viewpoint and scale variation
+# 0-2 (easy, medium, hard), truncation and occlusion 0-3 (none, source, target, both)
+DIFFICULTY_FLAGS = ("viewpoint_variation", "scale_variation", "truncation", "occlusion")
+
+
+def difficulty_flags(pair: dict) -> dict[str, int]:
+    """The pair's difficulty flags that are present as small non-negative ints (others are left out)."""
+    return {key: int(pair[key]) for key in DIFFICULTY_FLAGS
+            if isinstance(pair.get(key), int) and not isinstance(pair.get(key), bool) and 0 <= pair[key] <= 9}

@@ -11,7 +11,7 @@ workers and `layer_table` use without knowing the family:
                                 {layer: (T, C, H, W) float16} and why it cannot be stored, if so
     layer_table()               the `LayerInfo` (name, channels, height, width) of each map
 
-SD 1.x/2.x: `dhf_cache.extract.FeatureExtractor` (the UNet called in one place, `unet_output`,
+SD 1.x/2.x: `dhf_cache.sources.sd.extract.FeatureExtractor` (the UNet called in one place, `unet_output`,
 by inversion, generation and the layer table); SDXL: `sdxl.sdxl_extractor_class()`, the same
 inversion with SDXL's conditioning; DINOv2: `dinov2.Dinov2Extractor`.
 """

@@ -14,7 +14,7 @@ Layer names:
   layernorm: the `x_norm_patchtokens` DINOv2 users commonly take.
 
 A hub id is looked up in the local Hugging Face cache first and downloaded only when that
-misses and HF_HUB_OFFLINE is not set (as `dhf_cache.backbone.load_backbone` does for SD). A
+misses and HF_HUB_OFFLINE is not set (as `dhf_cache.sources.sd.backbone.load_backbone` does for SD). A
 folder or repository whose model is not a `Dinov2Model` / `Dinov2WithRegistersModel` is
 refused from its config.json, before any weights are read.
 """
@@ -32,10 +32,10 @@ from PIL import Image
 from safetensors import SafetensorError
 from torch import nn
 
-from dhf_cache.backbone import load_hub_id, weights_sha256
+from dhf_cache.sources.loading import load_hub_id, weights_sha256
 from dhf_cache.config import Dinov2FeatureSpace, Dinov2Identity, check_image_size
 from dhf_cache.errors import ModelNotFoundError, UsageError, first_line
-from dhf_cache.layers import LayerInfo
+from dhf_cache.cache.layers import LayerInfo
 
 DINOV2_MODEL_ID = "facebook/dinov2-base"
 MODEL_CLASSES = ("Dinov2Model", "Dinov2WithRegistersModel")
@@ -398,7 +398,7 @@ class Dinov2Extractor:
         return x
 
     def extract(self, pixels: torch.Tensor, image_ids: list[str]) -> list:
-        from dhf_cache.extract import ExtractedImage
+        from dhf_cache.sources.sd.extract import ExtractedImage
 
         maps = extract_dinov2(self.backbone, pixels, self.space.layers)
         results = []
@@ -417,7 +417,7 @@ def resolve_dinov2_layers(backbone: Dinov2Backbone, layers: str | Sequence[str])
     """`--layers` for DINOv2: `last` (the final layernorm's patch tokens, the default), `all`, or
     comma-separated names (encoder.layer.<i>, layernorm)."""
     if isinstance(layers, str):
-        if layers in ("last", "up"):  # "up" is the CLI's SD default: DINOv2's default is its last layer
+        if layers == "last":
             return ("layernorm",)
         if layers == "all":
             return tuple(available_layers(backbone))

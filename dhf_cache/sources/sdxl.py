@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dhf_cache.backbone import load_hub_id, quiet_libraries, read_prediction_type, weights_sha256
-from dhf_cache.capture import resnet_names
+from dhf_cache.sources.sd.backbone import read_prediction_type
+
+from dhf_cache.sources.loading import load_hub_id, quiet_libraries, weights_sha256
+from dhf_cache.sources.sd.capture import resnet_names
 from dhf_cache.config import Frozen
 from dhf_cache.errors import ModelNotFoundError, UsageError, first_line
-from dhf_cache.tiny_model import TINY_TEXT_CONFIG, TINY_VAE_CONFIG, build_tokenizer
+from dhf_cache.sources.sd.tiny_model import TINY_TEXT_CONFIG, TINY_VAE_CONFIG, build_tokenizer
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 N_TIME_IDS = 6  # original (h, w) + crop corner (top, left) + target (h, w)
@@ -224,7 +226,7 @@ def _check_sdxl_unet(model: str, source: str, local_files_only: bool) -> None:
 
 
 def _check_prediction_type(backbone: SdxlBackbone, model: str) -> SdxlBackbone:
-    from dhf_cache.inversion import PREDICTION_TYPES
+    from dhf_cache.sources.sd.inversion import PREDICTION_TYPES
 
     if backbone.prediction_type not in PREDICTION_TYPES:
         raise UsageError(
@@ -453,7 +455,7 @@ def sdxl_extractor_class():
     """`SdxlExtractor`: METHOD.md's inversion (extract.FeatureExtractor) with SDXL's conditioning,
     UNet call and VAE. Defined on first use so that importing this module does not import the
     SD extractor's dependencies."""
-    from dhf_cache.extract import FeatureExtractor, image_seed
+    from dhf_cache.sources.sd.extract import FeatureExtractor, image_seed
 
     class SdxlExtractor(FeatureExtractor):
         @torch.inference_mode()

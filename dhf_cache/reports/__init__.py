@@ -1,0 +1,1 @@
+"""What an evaluation leaves for people: figures and report.md."""

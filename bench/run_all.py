@@ -54,6 +54,8 @@ BENCHMARKS = {
                 ["sources.py"], ["sources.py", "--quick"], "build / bare <= 1.10 per source; fused step vs SD alone"),
     "eval": ("5. Eval cost vs pairs and images", ["eval_scaling.py"], ["eval_scaling.py", "--quick"],
              "SPair test (12,234 pairs) < 60 s; flat in pairs"),
+    "view": ("The viewer: click latency (request to heatmap bytes) from stored descriptors, first view of a pair",
+             ["view_latency.py"], ["view_latency.py", "--quick"], "click at load 224 < 100 ms"),
     "cluster": ("Cluster build throughput; loader reads from S3, local disk and plain file reads",
                 ["cluster_throughput.py"], ["cluster_throughput.py", "--images", "4", "--steps", "5", "--repeats", "1",
                                             "--read-passes", "1"],

@@ -24,6 +24,7 @@ WORKFLOW = {
     "import-checkpoint": "the authors' released aggregator as a run folder",
     "eval": "stage three: PCK from cached descriptors or raw maps",
     "compare": "two evaluations' difference, paired bootstrap interval",
+    "view": "browse matches and features in a local web page",
     "match": "match points between two images of your own",
     "export-images": "a generation cache's images as PNG files",
     "prune": "remove the descriptor sets eval stored in a cache",

@@ -45,5 +45,7 @@ def demo(
     typer.echo(f"\nreports: {workdir}/eval/trained/report.md, {workdir}/eval/raw-best/report.md; "
                f"cache: `dhf-cache info {workdir}/features.zarr`")
     typer.echo(f"compare them: dhf-cache compare {workdir}/eval/trained {workdir}/eval/raw-best")
+    typer.echo(f"see them (then open the printed address): dhf-cache view --cache {workdir}/features.zarr "
+               f"--checkpoint {workdir}/run --eval {workdir}/eval/trained --eval {workdir}/eval/raw-best")
     if not result.build.ok:
         raise typer.Exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 from dhf_cache.cli import build_cmd, compare_cmd, demo_cmd, eval_cmd, match_cmd, tools_cmd, train_cmd  # noqa: F401  (registers commands)
+from dhf_cache.cli import view_cmd  # noqa: F401  (registers `view`)
 from dhf_cache.cli.app import app
 
 

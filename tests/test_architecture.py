@@ -21,7 +21,7 @@ STAGES_TWO_THREE_PACKAGES = ("dhf_cache.cache", "dhf_cache.aggregator", "dhf_cac
 STAGES_TWO_THREE_MODULES = ("dhf_cache.config", "dhf_cache.errors", "dhf_cache.pipelines.train",
                             "dhf_cache.pipelines.evaluate", "dhf_cache.pipelines.run_folder")
 # the library's folders follow the contract (docs/architecture.md); only cross-cutting modules at the top
-LIBRARY_PACKAGES = {"cache", "sources", "aggregator", "correspondence", "datasets", "reports"}
+LIBRARY_PACKAGES = {"cache", "sources", "aggregator", "correspondence", "datasets", "reports", "viewer"}
 TOP_LEVEL_MODULES = {"__init__", "api", "config", "device", "errors", "openmp", "progress"}
 
 

@@ -77,6 +77,9 @@ class EvalRequest:
     bootstrap: int = BOOTSTRAP_RESAMPLES  # resamples of the headline's interval (0: none)
     seed: int = BOOTSTRAP_SEED
     subset: str | None = None  # a named subset (NAMED_SUBSETS): sets split and limit_per_category
+    # other matchings ("MATCH_AT/REFINE") whose convention matrices are added from the same
+    # descriptors (each one more matching pass); "all": every one besides the run's own
+    matrix_matchings: tuple[str, ...] = ()
 
 
 # Named pair subsets: (split, pairs per category, what it is). The reference validates on 20
@@ -157,6 +160,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     protocol = get_protocol(request.protocol)
     if request.match_at not in MATCH_AT:
         raise UsageError(f"--match-at {request.match_at!r}: unknown; use one of {', '.join(MATCH_AT)}")
+    _other_matchings(request)  # refused before anything is read or written
     started = time.perf_counter()
     if request.threads:
         torch.set_num_threads(request.threads)
@@ -226,6 +230,13 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     bar.close()
     summary = accumulator.summary()
     table = PairTable(accumulator.pairs)
+    alphas = sorted(set(request.alphas) | {protocol.alpha})
+    own = f"{request.match_at}/{request.refine}"
+    conventions = [{**row, "matching": own} for row in convention_matrix(table, alphas)]
+    for other in _other_matchings(request):
+        where, how = other.split("/")
+        acc, _ = score_pairs(pairs, provider, request.load_size, request.alphas, parse_refine(how), match_at=where)
+        conventions += [{**row, "matching": other} for row in convention_matrix(PairTable(acc.pairs), alphas)]
     base = protocol.threshold_base(dataset.default_threshold)
     tables = headline_tables(table, base, protocol.inequality, protocol.alpha, protocol.averagings,
                              request.bootstrap, request.seed)
@@ -257,7 +268,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         "headline": tables["headline"],
         "bootstrap": tables["bootstrap"],
         "breakdowns": {"categories": tables["categories"], "flags": tables["flags"]},
-        "conventions": convention_matrix(table, sorted(set(request.alphas) | {protocol.alpha})),
+        "conventions": conventions,
         "matching": {k: v for k, v in matching.items() if k != "notes"},
     }
     _write_outputs(request, dataset, pairs, predictions, metrics, raw_table, mixing, log)
@@ -464,6 +475,19 @@ def _raw_maps(cache: FeatureCache, layer: str, index: dict[str, int]) -> Callabl
 def _raw_provider(cache: FeatureCache, layer: str, position: int) -> Callable[[str], torch.Tensor]:
     maps = _raw_maps(cache, layer, cache.index_of())
     return lambda image_id: torch.from_numpy(np.asarray(maps(image_id)[position], dtype=np.float32))
+
+
+def _other_matchings(request: EvalRequest) -> list[str]:
+    """The `MATCH_AT/REFINE` matchings besides the run's own whose matrices eval adds."""
+    from dhf_cache.correspondence.matching import REFINE_CHOICES
+
+    every = [f"{where}/{how}" for where in MATCH_AT for how in REFINE_CHOICES]
+    own = f"{request.match_at}/{request.refine}"
+    asked = every if tuple(request.matrix_matchings) == ("all",) else list(request.matrix_matchings)
+    unknown = [m for m in asked if m not in every]
+    if unknown:
+        raise UsageError(f"--matrix-matchings {','.join(unknown)}: unknown; use all or any of {', '.join(every)}")
+    return [m for m in dict.fromkeys(asked) if m != own]
 
 
 def _selection_pairs(dataset: Dataset, cache: FeatureCache, request: EvalRequest,

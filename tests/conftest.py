@@ -102,7 +102,16 @@ def start_cli(*args: str, capture: bool = False, env: dict | None = None) -> sub
     return subprocess.Popen(
         [sys.executable, "-c", "from dhf_cache.cli.main import main; main()", *map(str, args)],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, stdout=out, stderr=out, text=True,
+        # as started from a terminal: a test suite run in the background of a non-interactive shell
+        # inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+        preexec_fn=_sigint_as_in_a_terminal,
     )
+
+
+def _sigint_as_in_a_terminal() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def invoke(*args):

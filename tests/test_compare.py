@@ -93,3 +93,21 @@ def test_the_reference_subset_is_a_named_subset(tmp_path, train_cache, train_dat
     clash = invoke(*eval_args(train_cache, train_data, tmp_path / "c", "--raw", MAP_A, "--subset", "ref360",
                               "--split", "trn"))
     assert clash.exit_code == 2 and "--subset ref360 sets --split val" in clash.output
+
+
+def test_the_matrix_of_other_matchings_comes_from_the_same_descriptors(evals, tmp_path, train_cache, train_data):
+    result = invoke(*eval_args(train_cache, train_data, tmp_path / "all", "--raw", MAP_A, "--drawings", "0",
+                               "--bootstrap", "0", "--matrix-matchings", "all"))
+    assert result.exit_code == 0, result.output
+    rows = metrics(tmp_path / "all")["conventions"]
+    by = {}
+    for row in rows:
+        by.setdefault(row["matching"], {})[row["name"]] = row["value"]
+    assert list(by)[0] == "load/none" and len(by) == 6 and all(len(v) == 90 for v in by.values())
+    assert by["load/none"] == {r["name"]: r["value"] for r in metrics(evals["a"])["conventions"]}
+    # DIFT's matching, added here, is what a --protocol dift run predicts
+    assert by["original/none"] == {r["name"]: r["value"] for r in metrics(evals["a-dift"])["conventions"]}
+    assert "Matched at `original/none`" in (tmp_path / "all" / "report.md").read_text()
+    bad = invoke(*eval_args(train_cache, train_data, tmp_path / "bad", "--raw", MAP_A, "--matrix-matchings", "nowhere"))
+    assert bad.exit_code == 2 and "--matrix-matchings nowhere: unknown" in bad.output
+    assert not (tmp_path / "bad").exists()

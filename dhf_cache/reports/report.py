@@ -209,21 +209,30 @@ def _headline_section(metrics: dict) -> list[str]:
 
 
 def _conventions_section(rows: list[dict]) -> list[str]:
-    """The matrix: one table per alpha, rows (base, inequality), columns the averagings."""
+    """The matrix: per matching (the run's own first), one table per alpha, rows (base,
+    inequality), columns the averagings; other matchings show alpha 0.1 only."""
     if not rows:
         return []
     averagings = list(dict.fromkeys(r["averaging"] for r in rows))
+    matchings = list(dict.fromkeys(r.get("matching") for r in rows))
     lines = ["## Every convention (%)", "",
              "The same predictions under each published rule: threshold base (`bbox`: max side of the target box, "
              "`img`: of the target image, `kps`: of the box around the target keypoints), `<=` or `<`, and "
              "the averaging (docs/evaluation.md names the code behind each).", ""]
-    for alpha in sorted({r["alpha"] for r in rows}):
-        cells = {(r["base"], r["inequality"], r["averaging"]): r for r in rows if r["alpha"] == alpha}
-        body = []
-        for base, inequality in dict.fromkeys((r["base"], r["inequality"]) for r in rows):
-            body.append([f"{base} {inequality} {alpha:g}"] + [percent(cells[(base, inequality, a)]["value"])
-                                                              for a in averagings])
-        lines += _table(["rule"] + [a.replace("_", " ") for a in averagings], body) + [""]
+    for n, matching in enumerate(matchings):
+        mine = [r for r in rows if r.get("matching") == matching]
+        alphas = sorted({r["alpha"] for r in mine})
+        if n:
+            alphas = [a for a in alphas if a == 0.1] or alphas[:1]
+        if matching is not None and len(matchings) > 1:
+            lines += [f"Matched at `{matching}`" + (" (this run's predictions)" if n == 0 else "") + ":", ""]
+        for alpha in alphas:
+            cells = {(r["base"], r["inequality"], r["averaging"]): r for r in mine if r["alpha"] == alpha}
+            body = []
+            for base, inequality in dict.fromkeys((r["base"], r["inequality"]) for r in mine):
+                body.append([f"{base} {inequality} {alpha:g}"] + [percent(cells[(base, inequality, a)]["value"])
+                                                                  for a in averagings])
+            lines += _table(["rule"] + [a.replace("_", " ") for a in averagings], body) + [""]
     return lines
 
 

@@ -111,6 +111,7 @@ def build(
     split: Annotated[Optional[str], typer.Option(help="SPair split whose pairs' images to build (trn, val, test); all when omitted.")] = None,
     load_size: Annotated[int, typer.Option(help="Images are first resized to LOAD_SIZE x LOAD_SIZE (PIL bilinear): the paper's 64/224/512.")] = _PRE.load_size,
     image_size: Annotated[int, typer.Option(help="Model input size the loaded image is then upsampled to (512 for SD).")] = _PRE.image_size,
+    fit: Annotated[str, typer.Option(help="How an image becomes the LOAD_SIZE square: stretch (the paper) or pad (aspect kept, centred on black, as SD+DINO and GeoAware-SC); part of the cache's spec.")] = _PRE.fit,
     steps: Annotated[int, typer.Option(help="DDIM inversion steps.")] = DEFAULT_STEPS,
     save_steps: Annotated[Optional[str], typer.Option(help="Step indices to store, clean first (S-1 = cleanest). Default for 50 steps: 49,45,40,...,5,0.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Default: the family's (SD, SDXL: up, the 12 up-block resnets; DINOv2: last, the final layernorm). SD, SDXL: up, down, mid, all, or module names. DINOv2: last, all, or encoder.layer.<i>,layernorm.", show_default=False)] = None,
@@ -149,7 +150,7 @@ def build(
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise UsageError(f"--dtype {dtype!r}: use auto, float32, float16 or bfloat16")
     try:
-        preprocessing = Preprocessing(load_size=load_size, image_size=image_size, seed=seed)
+        preprocessing = Preprocessing(load_size=load_size, image_size=image_size, seed=seed, fit=fit)
     except ValueError as exc:
         raise UsageError(invalid_values(exc)) from None
     try:

@@ -165,6 +165,7 @@ class Hyperfeatures:
         a, b = open_image(image_a), open_image(image_b)
         pts = grid_points(a.size, grid) if points is None else check_points(points, a.size, "A")
         desc_a, desc_b = self.extractor.descriptors([a, b])
+        fit = self.extractor.preprocessing.fit  # how the backbone's input was made square
         found = match_points(desc_a, prepare_target(desc_b, load_size), pts, a.size, b.size, load_size,
-                             refine=parse_refine(refine))
+                             refine=parse_refine(refine), fit=fit)
         return pts, found

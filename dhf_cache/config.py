@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_serializer, model_validator
 
 from dhf_cache.errors import UsageError
 
@@ -105,6 +105,16 @@ class Preprocessing(Frozen):
     resampling: Literal["bilinear"] = "bilinear"
     latent: Literal["sample"] = "sample"
     seed: int = 0
+    # stretch (METHOD.md) or pad: keep the aspect ratio and centre on a black square (SD+DINO,
+    # GeoAware-SC); recorded only when pad, so every stretch spec and fingerprint stays as it was
+    fit: Literal["stretch", "pad"] = "stretch"
+
+    @model_serializer(mode="wrap")
+    def _without_default_fit(self, handler):
+        data = handler(self)
+        if self.fit == "stretch":
+            data.pop("fit", None)
+        return data
     # image_size's other constraint is the family's: a multiple of 8 for SD's VAE (BuildSpec),
     # of the patch size for DINOv2 (Dinov2FeatureSpace); DINOv2's own 518 is no multiple of 8
 

@@ -41,7 +41,7 @@ from dhf_cache.cache.disk_space import human_bytes
 from dhf_cache.errors import CheckpointError, EvaluationError, ImageError, UsageError
 from dhf_cache.cache.feature_loader import FeatureReader, Prefetcher, SourcesReader, SourcesSelection, done_in_all
 from dhf_cache.correspondence.conventions import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairTable, convention_matrix, headline_tables
-from dhf_cache.correspondence.matching import MATCH_AT, parse_refine
+from dhf_cache.correspondence.matching import MATCH_AT, check_fit, parse_refine
 from dhf_cache.correspondence.pck import bbox_length
 from dhf_cache.correspondence.protocols import Protocol, get_protocol
 from dhf_cache.progress import progress_bar
@@ -167,6 +167,11 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     refine = parse_refine(request.refine)
     caches = _open_caches(request)
     cache = next(iter(caches.values()))  # images are addressed by their index in this source
+    fit = _image_fit(caches)
+    if fit == "pad" and request.match_at == "square":
+        # padded features already are SD+DINO's square (of side load_size): match on it
+        request = dataclasses.replace(request, match_at="load")
+    check_fit(fit, request.match_at)
     dataset = open_dataset(request.dataset)
     pairs = select_pairs(dataset.pairs(request.split), request.limit_per_category)
     pairs, input_skipped = check_pairs(pairs, cache, request, done_in_all(list(caches.values())))
@@ -187,10 +192,10 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     options = {
         "split": request.split, "alphas": list(request.alphas), "load_size": request.load_size,
         "refine": request.refine, "limit_per_category": request.limit_per_category,
-        "match_at": request.match_at, "protocol": protocol.name, "subset": request.subset,
+        "match_at": request.match_at, "protocol": protocol.name, "subset": request.subset, "fit": fit,
     }
     score = lambda provider, **kw: score_pairs(pairs, provider, request.load_size, request.alphas, refine,  # noqa: E731
-                                               match_at=request.match_at, **kw)
+                                               match_at=request.match_at, fit=fit, **kw)
     raw_table = None
     mixing = None
     descriptor_counts = None
@@ -212,7 +217,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
         accumulator, predictions = score(provider, on_pair=lambda: bar.update(1))
     elif request.raw == "best":
         select_split, selection_pairs = selection
-        raw_table, (layer, position) = _raw_sweep(cache, selection_pairs, request, refine, log)
+        raw_table, (layer, position) = _raw_sweep(cache, selection_pairs, request, refine, log, fit)
         best = f"{layer}@{cache.timesteps[position]}"
         raw_table["selected_on"] = {"split": select_split, "n_pairs": len(selection_pairs)}
         options["descriptor"] = f"raw best: {best} (chosen on the {select_split} split)"
@@ -235,7 +240,10 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     conventions = [{**row, "matching": own} for row in convention_matrix(table, alphas)]
     for other in _other_matchings(request):
         where, how = other.split("/")
-        acc, _ = score_pairs(pairs, provider, request.load_size, request.alphas, parse_refine(how), match_at=where)
+        if fit == "pad" and where != "load":
+            continue  # padded features are matched on their square only (matching.check_fit)
+        acc, _ = score_pairs(pairs, provider, request.load_size, request.alphas, parse_refine(how), match_at=where,
+                             fit=fit)
         conventions += [{**row, "matching": other} for row in convention_matrix(PairTable(acc.pairs), alphas)]
     base = protocol.threshold_base(dataset.default_threshold)
     tables = headline_tables(table, base, protocol.inequality, protocol.alpha, protocol.averagings,
@@ -477,6 +485,15 @@ def _raw_provider(cache: FeatureCache, layer: str, position: int) -> Callable[[s
     return lambda image_id: torch.from_numpy(np.asarray(maps(image_id)[position], dtype=np.float32))
 
 
+def _image_fit(caches: dict[str, FeatureCache]) -> str:
+    """How the sources' images were made square (Preprocessing.fit); fused sources must agree."""
+    fits = {getattr(c.spec.preprocessing, "fit", "stretch") for c in caches.values()}
+    if len(fits) > 1:
+        raise EvaluationError("the sources read were built with different --fit (" + ", ".join(sorted(fits))
+                              + "): their maps do not cover the same pixels; rebuild one of them")
+    return fits.pop()
+
+
 def _other_matchings(request: EvalRequest) -> list[str]:
     """The `MATCH_AT/REFINE` matchings besides the run's own whose matrices eval adds."""
     from dhf_cache.correspondence.matching import REFINE_CHOICES
@@ -520,24 +537,32 @@ def _matching_record(request: EvalRequest, protocol: Protocol, cache: FeatureCac
     """Where matching happened, whether it is the protocol's, and which of the reference's
     protocols it reproduces (or that the cache's load size differs from the matching one)."""
     ran = {"match_at": request.match_at, "load_size": request.load_size, "refine": request.refine}
+    fit = getattr(cache.spec.preprocessing, "fit", "stretch")
+    # on padded features, the load square is the protocol's aspect-kept square with its padding
+    same_place = {("square", "load")} if fit == "pad" else set()
     differs = [f"{k} {ran[k]} (the protocol's: {v})" for k, v in protocol.matching().items()
-               if ran[k] != v and not (k == "load_size" and request.match_at == "original")]
+               if ran[k] != v and (v, ran[k]) not in same_place
+               and not (k == "load_size" and request.match_at == "original")]
     notes = []
     if differs:
         notes.append(f"matching differs from protocol {protocol.name}'s: " + ", ".join(differs)
                      + "; the headline uses its scoring rule on these predictions")
     cache_load = getattr(cache.spec.preprocessing, "load_size", None)
     reproduces = None
-    if request.match_at == "load" and cache_load == request.load_size and cache_load in PAPER_PROTOCOLS:
+    if fit == "pad":
+        notes.append("the cache's images were padded to squares (fit pad, as SD+DINO), not stretched as in the "
+                     "reference: matched on the padded square")
+    elif request.match_at == "load" and cache_load == request.load_size and cache_load in PAPER_PROTOCOLS:
         reproduces = PAPER_PROTOCOLS[cache_load]
     elif request.match_at == "load" and cache_load is not None and cache_load != request.load_size:
         notes.append(f"the cache was built at load size {cache_load} and is matched at {request.load_size}: the "
                      "reference uses one load size for both (224 in the paper's test, 512 in its training "
                      "validation), so this reproduces neither; see docs/evaluation.md")
-    return {**ran, "cache_load_size": cache_load, "reproduces": reproduces, "differs": bool(differs), "notes": notes}
+    return {**ran, "cache_load_size": cache_load, "fit": fit, "reproduces": reproduces, "differs": bool(differs),
+            "notes": notes}
 
 
-def _raw_sweep(cache: FeatureCache, pairs: list[PairRecord], request: EvalRequest, refine, log):
+def _raw_sweep(cache: FeatureCache, pairs: list[PairRecord], request: EvalRequest, refine, log, fit: str = "stretch"):
     """Score every single layer x timestep map on `pairs`; the table and the (layer, time
     position) of the map `best_cell` names."""
     layers = [l.name for l in cache.layers]
@@ -552,7 +577,8 @@ def _raw_sweep(cache: FeatureCache, pairs: list[PairRecord], request: EvalReques
                                 capacity=max(8, int(2**30 // max(chunk_bytes, 1))))
         for t in range(len(cache.timesteps)):
             provider = lambda image_id, t=t: chunks(image_id)[t].float()  # noqa: E731
-            acc, _ = score_pairs(pairs, provider, request.load_size, request.alphas, refine, match_at=request.match_at)
+            acc, _ = score_pairs(pairs, provider, request.load_size, request.alphas, refine, match_at=request.match_at,
+                                 fit=fit)
             value = acc.summary()[SWEEP_METRIC]["per_point"]
             table[t, l] = np.nan if value is None else value
             # the sweep runs layer by layer; sweep_rank orders maps as best_cell does

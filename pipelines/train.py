@@ -188,6 +188,11 @@ class TrainingMaps:
                                   opts.output_size, opts.norm_groups)
 
 
+def image_fit(cache: FeatureCache) -> str:
+    """How the source's images were made square (Preprocessing.fit; stretch before it existed)."""
+    return getattr(cache.spec.preprocessing, "fit", "stretch")
+
+
 def open_maps(request: TrainRequest, opts: TrainOptions) -> TrainingMaps:
     """The cache's sources a run reads: --source (one, or a comma-separated list to fuse), else
     the resumed run's, else the cache's only source."""
@@ -201,6 +206,11 @@ def open_maps(request: TrainRequest, opts: TrainOptions) -> TrainingMaps:
                             selection=selection)
     caches = FeatureCache.open_all(request.cache_url, request.storage_options)
     chosen = select_across_sources(caches, names, opts.layers, opts.timesteps)
+    geometry = {name: (image_fit(caches[name]), caches[name].spec.preprocessing.load_size) for name in chosen.selections}
+    if len(set(geometry.values())) > 1:  # a keypoint must land on the same cell of every source's maps
+        raise UsageError("--source " + ",".join(names) + ": the sources' images were made square differently ("
+                         + ", ".join(f"{n}: fit {f}, load {s}" for n, (f, s) in geometry.items())
+                         + "); fuse sources built with the same --fit and --load-size")
     reader = SourcesReader(caches, chosen)
     shape = " + ".join(f"{name}: {len(sel.layers)} layers x {len(sel.positions)} timesteps"
                        for name, sel in chosen.selections.items())
@@ -264,8 +274,10 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
 
     schedule = PairSchedule(len(train_pairs), opts.pairs_per_step, opts.seed)
     grid = opts.output_size
+    fit, fit_side = image_fit(maps.primary), maps.primary.spec.preprocessing.load_size
     examples = [
-        _Example(p, grid_keypoints(p.src_kps, p.src_size, grid), grid_keypoints(p.trg_kps, p.trg_size, grid))
+        _Example(p, grid_keypoints(p.src_kps, p.src_size, grid, fit, fit_side),
+                 grid_keypoints(p.trg_kps, p.trg_size, grid, fit, fit_side))
         for p in train_pairs
     ]
 
@@ -300,7 +312,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         validating = step
         record: dict = {"step": step}
         if val_pairs:
-            summary = validate(network, reader, index, val_pairs, opts.val_load_size, device)
+            summary = validate(network, reader, index, val_pairs, opts.val_load_size, device, fit)
             last_val = summary[VAL_METRIC]["per_point"]
             record["val"] = {k: v for k, v in summary.items() if "@" in k}
         with guard.deferred():
@@ -459,8 +471,8 @@ def _train_step(network, optimizer, batch: list[_Example], feats, device, stagin
 
 
 def validate(network, reader: FeatureReader, index: dict[str, int], pairs: list[PairRecord],
-             load_size: int, device) -> dict:
+             load_size: int, device, fit: str = "stretch") -> dict:
     """PCK of the current network on `pairs`, from the cache (the protocol of `dhf-cache eval`)."""
     provider = LRUDescriptors(network_descriptors(network, reader, index, device), capacity=64)
-    accumulator, _ = score_pairs(pairs, provider, load_size, alphas=(0.1,))
+    accumulator, _ = score_pairs(pairs, provider, load_size, alphas=(0.1,), fit=fit)
     return accumulator.summary()

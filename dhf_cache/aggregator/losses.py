@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dhf_cache.datasets.images import place_points
 from dhf_cache.errors import UsageError
 
 TEMPERATURE = 0.07  # fixed in the reference (logit scale 1/0.07, never learned)
@@ -30,13 +31,17 @@ def grid_keypoints(
     kps: torch.Tensor | np.ndarray | Sequence[Sequence[float]],
     image_size: Sequence[float],
     grid: int | Sequence[int] = 64,
+    fit: str = "stretch",
+    load_size: int | None = None,
 ) -> torch.Tensor:
     """Keypoints [x, y] in original pixels -> (K, 2) long [x, y] on the descriptor grid.
 
     As the reference (`rescale_points` then `points_to_idxs`): scale by grid/size per axis (no
     half-pixel shift), clip to [0, grid-1], then round half to even (numpy's and torch's round:
     2.5 -> 2, 3.5 -> 4). Computed in float64 so ties fall exactly as in the reference.
-    `image_size` and `grid` are (W, H); an int grid is square.
+    `image_size` and `grid` are (W, H); an int grid is square. With `fit="pad"` (the cache's
+    images padded to squares of side `load_size`) the keypoints are first placed in that square
+    (datasets/images.py `place_points`), then scaled to the grid.
     """
     pts = torch.as_tensor(np.asarray(kps, dtype=np.float64))
     if pts.dim() != 2 or pts.shape[1] != 2:
@@ -44,6 +49,11 @@ def grid_keypoints(
     width, height = (float(v) for v in image_size)
     if width <= 0 or height <= 0:
         raise UsageError(f"image_size={tuple(image_size)!r}: width and height must be positive")
+    if fit == "pad":
+        if load_size is None:
+            raise UsageError("fit pad: grid_keypoints needs the load size the images were padded at")
+        pts = torch.as_tensor(place_points(pts.numpy(), image_size, int(load_size), "pad"))
+        width = height = float(load_size)
     gw, gh = _grid_wh(grid)
     x = (pts[:, 0] * (gw / width)).clamp(0, gw - 1)
     y = (pts[:, 1] * (gh / height)).clamp(0, gh - 1)

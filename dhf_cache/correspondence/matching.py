@@ -40,8 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dhf_cache.errors import UsageError
 from dhf_cache.correspondence.points import as_points
+from dhf_cache.datasets.images import place_points, unplace_points
+from dhf_cache.errors import UsageError
 
 EPS = 1e-12
 REFINE_CHOICES = ("none", "window-softargmax")
@@ -86,14 +87,26 @@ def rescale_points(points, from_size: tuple[float, float], to_size: tuple[float,
     return pts * scale
 
 
-def to_load(points, size: tuple[float, float], load_size: Grid) -> np.ndarray:
-    """Original image pixels -> grid pixels (the load-size square the features were made from)."""
+def to_load(points, size: tuple[float, float], load_size: Grid, fit: str = "stretch") -> np.ndarray:
+    """Original image pixels -> grid pixels (the load-size square the features were made from;
+    with `fit="pad"` the aspect-kept image inside it, datasets/images.py `placement`)."""
+    if fit == "pad":
+        return place_points(as_points(points), size, grid_wh(load_size)[0], fit)
     return rescale_points(points, size, grid_wh(load_size))
 
 
-def from_load(points, load_size: Grid, size: tuple[float, float]) -> np.ndarray:
+def from_load(points, load_size: Grid, size: tuple[float, float], fit: str = "stretch") -> np.ndarray:
     """Grid pixels -> original image pixels (inverse of `to_load`)."""
+    if fit == "pad":
+        return unplace_points(as_points(points), grid_wh(load_size)[0], size, fit)
     return rescale_points(points, grid_wh(load_size), size)
+
+
+def check_fit(fit: str, match_at: str) -> None:
+    """Padded features are matched on their own square (SD+DINO's way): only `--match-at load`."""
+    if fit == "pad" and match_at != "load":
+        raise UsageError(f"--match-at {match_at}: this cache's images were padded to squares (fit pad), so "
+                         "matching happens on that square, as SD+DINO does: use --match-at load")
 
 
 def source_pixels(load_points, load_size: Grid) -> np.ndarray:
@@ -315,23 +328,25 @@ def prepare_target(desc, load_size: Grid) -> PreparedTarget:
 # --------------------------------------------------------------------------- matching
 
 
-def source_px(src_kps, src_size, load_size: Grid) -> tuple[np.ndarray, np.ndarray]:
+def source_px(src_kps, src_size, load_size: Grid, fit: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """(valid mask (K,), integer grid pixels [x, y] of the valid keypoints)."""
-    load = to_load(src_kps, src_size, load_size)
+    load = to_load(src_kps, src_size, load_size, fit)
     valid = np.isfinite(load).all(axis=1)
     return valid, source_pixels(load[valid], load_size)
 
 
-def to_original(load_xy: torch.Tensor, valid: np.ndarray, load_size: Grid, trg_size) -> np.ndarray:
+def to_original(load_xy: torch.Tensor, valid: np.ndarray, load_size: Grid, trg_size, fit: str = "stretch") -> np.ndarray:
     out = np.full((valid.shape[0], 2), np.nan)
-    out[valid] = from_load(load_xy.detach().cpu().double().numpy().reshape(-1, 2), load_size, trg_size)
+    out[valid] = from_load(load_xy.detach().cpu().double().numpy().reshape(-1, 2), load_size, trg_size, fit)
     return out
 
 
 def match_points_reference(src_desc, trg_desc, src_kps, src_size, trg_size, load_size: int,
-                           refine: WindowSoftArgmax | None = None, match_at: str = "load") -> np.ndarray:
+                           refine: WindowSoftArgmax | None = None, match_at: str = "load",
+                           fit: str = "stretch") -> np.ndarray:
     """Ref's protocol written plainly (upsample both maps in full). Returns (K, 2) [x, y] in
     original target pixels; NaN where the source keypoint is NaN. Slow: for tests and checks."""
+    check_fit(fit, match_at)
     src = as_map(src_desc)
     trg = as_map(trg_desc).to(src.device)
     if src.shape[0] != trg.shape[0]:
@@ -339,7 +354,7 @@ def match_points_reference(src_desc, trg_desc, src_kps, src_size, trg_size, load
     src_grid, trg_grid = match_grid(match_at, load_size, src_size), match_grid(match_at, load_size, trg_size)
     up_s = F.interpolate(src[None], size=src_grid[::-1], mode="bilinear", align_corners=False)[0]
     up_t = F.interpolate(trg[None], size=trg_grid[::-1], mode="bilinear", align_corners=False)[0]
-    valid, px = source_px(src_kps, src_size, src_grid)
+    valid, px = source_px(src_kps, src_size, src_grid, fit)
     pxt = torch.from_numpy(px).to(src.device)
     s = up_s[:, pxt[:, 1], pxt[:, 0]].T  # (k, P)
     s = s / s.norm(dim=1, keepdim=True).clamp_min(EPS)
@@ -347,7 +362,7 @@ def match_points_reference(src_desc, trg_desc, src_kps, src_size, trg_size, load
     t = t / t.norm(dim=0, keepdim=True).clamp_min(EPS)
     sim = (s @ t).reshape(-1, *trg_grid[::-1])
     xy, _ = peaks(sim, refine, trg_grid)
-    return to_original(xy, valid, trg_grid, trg_size)
+    return to_original(xy, valid, trg_grid, trg_size, fit)
 
 
 def similarity_maps(src: PreparedTarget | torch.Tensor, trg: PreparedTarget, px, *,
@@ -381,17 +396,18 @@ def match_load_points(src: PreparedTarget | torch.Tensor, trg: PreparedTarget, p
 
 def match_points(src_desc: PreparedTarget | torch.Tensor, trg_desc: PreparedTarget | torch.Tensor,
                  src_kps, src_size, trg_size, load_size: int,
-                 refine: WindowSoftArgmax | None = None, match_at: str = "load") -> np.ndarray:
+                 refine: WindowSoftArgmax | None = None, match_at: str = "load", fit: str = "stretch") -> np.ndarray:
     """Same result as `match_points_reference`, at a fraction of the cost.
 
     Pass `PreparedTarget`s (from `prepare_target`, once per image) to reuse per-image work
     across pairs; raw (P, h, w) maps are prepared on the fly. Computes in float32 on the
     target's device. Returns (K, 2) [x, y] in original target pixels, NaN for NaN keypoints.
     """
+    check_fit(fit, match_at)
     src_grid, trg_grid = match_grid(match_at, load_size, src_size), match_grid(match_at, load_size, trg_size)
     trg = trg_desc if isinstance(trg_desc, PreparedTarget) else prepare_target(trg_desc, trg_grid)
     if trg.size != trg_grid:
         raise ValueError(f"target prepared for grid {trg.size}, asked to match on {trg_grid}")
-    valid, px = source_px(src_kps, src_size, src_grid)
+    valid, px = source_px(src_kps, src_size, src_grid, fit)
     xy, _ = match_load_points(src_desc, trg, px, refine=refine, src_grid=src_grid)
-    return to_original(xy, valid, trg_grid, trg_size)
+    return to_original(xy, valid, trg_grid, trg_size, fit)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from dhf_cache.datasets import PairRecord
 from dhf_cache.correspondence.descriptors import DescriptorFn
-from dhf_cache.correspondence.matching import (EPS, Grid, PreparedTarget, WindowSoftArgmax, as_map, grid_wh,
-                                                lookup, match_grid, peaks, prepare_target, source_px, to_original)
+from dhf_cache.correspondence.matching import (EPS, Grid, PreparedTarget, WindowSoftArgmax, as_map, check_fit,
+                                                grid_wh, lookup, match_grid, peaks, prepare_target, source_px, to_original)
 from dhf_cache.correspondence.pck import PCKAccumulator
 
 # Similarity maps upsampled, scaled and searched together: ~2 MB of float32, so the three passes
@@ -93,6 +93,7 @@ def score_pairs(
     on_pair: Callable[[], None] | None = None,
     workers: int | None = None,
     match_at: str = "load",
+    fit: str = "stretch",
 ) -> tuple[PCKAccumulator, list[np.ndarray]]:
     """PCK over `pairs` and the predicted target keypoints of each (original pixels, in order).
 
@@ -100,8 +101,10 @@ def score_pairs(
     called under one lock, so providers need not be thread-safe and no image is computed twice
     at once. Predictions and PCK do not depend on the number of workers (tests/test_scoring.py).
     `match_at` (matching.MATCH_AT) sets each image's grid: the load square (Ref), its own size or
-    the aspect-preserving one of long side `load_size`.
+    the aspect-preserving one of long side `load_size`. `fit` is how the descriptors' images were
+    made square (the cache's Preprocessing.fit): keypoints map to the grid through it.
     """
+    check_fit(fit, match_at)
     accumulator = PCKAccumulator(alphas)
     predictions: list[np.ndarray] = [np.zeros((0, 2))] * len(pairs)
     auto_workers, threads = scoring_workers()
@@ -124,13 +127,13 @@ def score_pairs(
         rows, metas = [], []
         for i in group:
             grid = match_grid(match_at, load_size, pairs[i].src_size)
-            valid, px = source_px(pairs[i].src_kps, pairs[i].src_size, grid)
+            valid, px = source_px(pairs[i].src_kps, pairs[i].src_size, grid, fit)
             rows.append(_source_rows(descriptor(pairs[i].src), trg, px, grid))
             metas.append((i, valid, len(px)))
         xy = _match_rows(rows, trg, refine)
         out, offset = [], 0
         for i, valid, k in metas:
-            out.append((i, to_original(xy[offset:offset + k], valid, trg.size, pairs[i].trg_size)))
+            out.append((i, to_original(xy[offset:offset + k], valid, trg.size, pairs[i].trg_size, fit)))
             offset += k
         return out
 

@@ -122,12 +122,59 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def preprocess(image: Image.Image, load_size: int, image_size: int) -> torch.Tensor:
+FITS = ("stretch", "pad")
+
+
+def placement(size, side: int, fit: str = "stretch") -> tuple[int, int, int, int]:
+    """(width, height, left, top) of an image of `size` (W, H) inside the side x side square a
+    model sees: `stretch` (METHOD.md) covers the square, `pad` (SD+DINO's resize-and-pad) keeps
+    the aspect ratio with the long side `side` and centres the image on black."""
+    if fit == "stretch":
+        return side, side, 0, 0
+    if fit != "pad":
+        raise ValueError(f"fit {fit!r}: use one of {', '.join(FITS)}")
+    w, h = (float(v) for v in size)
+    scale = side / max(w, h)
+    width, height = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    return width, height, (side - width) // 2, (side - height) // 2
+
+
+def place_points(points: np.ndarray, size, side: int, fit: str = "stretch") -> np.ndarray:
+    """[x, y] original pixels -> pixels of the side x side square (`placement`). For `stretch`
+    the scale is computed first and then multiplied (`x * (side / W)`), as the reference does."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    w, h = (float(v) for v in size)
+    width, height, left, top = placement(size, side, fit)
+    return pts * np.array([width / w, height / h]) + np.array([left, top], dtype=np.float64)
+
+
+def unplace_points(points: np.ndarray, side: int, size, fit: str = "stretch") -> np.ndarray:
+    """Pixels of the side x side square -> [x, y] original pixels (inverse of `place_points`)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    w, h = (float(v) for v in size)
+    width, height, left, top = placement(size, side, fit)
+    return (pts - np.array([left, top], dtype=np.float64)) * np.array([w / width, h / height])
+
+
+def fit_image(image: Image.Image, side: int, fit: str = "stretch") -> Image.Image:
+    """The side x side RGB image a model sees (`placement`): PIL bilinear resize, and for `pad`
+    the resized image pasted on a black square."""
+    width, height, left, top = placement(image.size, side, fit)
+    resized = image.resize((width, height), Image.BILINEAR)
+    if fit == "stretch":
+        return resized
+    canvas = Image.new("RGB", (side, side), (0, 0, 0))
+    canvas.paste(resized, (left, top))
+    return canvas
+
+
+def preprocess(image: Image.Image, load_size: int, image_size: int, fit: str = "stretch") -> torch.Tensor:
     """METHOD.md's chain: PIL bilinear to load_size^2, to [-1, 1], F.interpolate to image_size^2.
+    With `fit="pad"` the first step keeps the aspect ratio and pads (`fit_image`).
 
     Returns a float32 tensor (3, image_size, image_size).
     """
-    resized = image.resize((load_size, load_size), Image.BILINEAR)
+    resized = fit_image(image, load_size, fit)
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)
     x = x / 127.5 - 1.0
     if load_size != image_size:

@@ -36,6 +36,7 @@ from dhf_cache.sources.loading import load_hub_id, weights_sha256
 from dhf_cache.config import Dinov2FeatureSpace, Dinov2Identity, check_image_size
 from dhf_cache.errors import ModelNotFoundError, UsageError, first_line
 from dhf_cache.cache.layers import LayerInfo
+from dhf_cache.datasets.images import fit_image
 
 DINOV2_MODEL_ID = "facebook/dinov2-base"
 MODEL_CLASSES = ("Dinov2Model", "Dinov2WithRegistersModel")
@@ -321,14 +322,15 @@ def feature_space(backbone: Dinov2Backbone, layers: Sequence[str], image_size: i
 # Preprocessing and extraction
 
 
-def preprocess_dinov2(image: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL bilinear to image_size^2 (as images.preprocess for SD), to [0, 1], ImageNet-normalised.
+def preprocess_dinov2(image: Image.Image, image_size: int, fit: str = "stretch") -> torch.Tensor:
+    """PIL bilinear to image_size^2 (as images.preprocess for SD; `fit="pad"` keeps the aspect
+    ratio and pads, images.fit_image), to [0, 1], ImageNet-normalised.
 
     Returns a float32 tensor (3, image_size, image_size).
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
-    resized = image.resize((image_size, image_size), Image.BILINEAR)
+    resized = fit_image(image, image_size, fit)
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
@@ -391,7 +393,7 @@ class Dinov2Extractor:
         """METHOD.md's chain for the sizes (PIL bilinear to load_size^2, then bilinear to the
         model input), with DINOv2's ImageNet normalisation instead of SD's [-1, 1]."""
         pre = self.preprocessing
-        x = preprocess_dinov2(image, pre.load_size)
+        x = preprocess_dinov2(image, pre.load_size, pre.fit)
         if pre.load_size != pre.image_size:
             x = torch.nn.functional.interpolate(x[None], size=(pre.image_size, pre.image_size), mode="bilinear",
                                                 align_corners=False)[0]

@@ -245,7 +245,7 @@ class OnTheFlyExtractor:
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
-            pixels = torch.stack([preprocess(to_rgb(im), pre.load_size, pre.image_size) for im in batch])
+            pixels = torch.stack([preprocess(to_rgb(im), pre.load_size, pre.image_size, pre.fit) for im in batch])
             for image_id, result in zip(ids[start:start + self.batch_size], self.extractor.extract(pixels, ids[start:start + self.batch_size])):
                 if result.error:
                     raise FeatureError(f"image {image_id}: {result.error}")

@@ -40,19 +40,20 @@ class Click:
 
 
 def click_similarity(src_desc: torch.Tensor, target: PreparedTarget, point: tuple[float, float],
-                     src_size: tuple[int, int], trg_size: tuple[int, int]) -> Click:
-    """The similarity map of source point [x, y] (original source pixels) over `target`."""
+                     src_size: tuple[int, int], trg_size: tuple[int, int], fit: str = "stretch") -> Click:
+    """The similarity map of source point [x, y] (original source pixels) over `target`; `fit`
+    is how the descriptors' images were made square (the cache's Preprocessing.fit)."""
     x, y = float(point[0]), float(point[1])
     if not (np.isfinite(x) and np.isfinite(y)):
         raise UsageError(f"point ({x}, {y}): both coordinates must be finite numbers of source pixels")
     load = target.load_size
-    valid, px = source_px(np.array([[x, y]]), src_size, load)
+    valid, px = source_px(np.array([[x, y]]), src_size, load, fit)
     try:
         sim = similarity_maps(src_desc, target, px)
     except ValueError as exc:  # descriptor channels differ
         raise UsageError(str(exc)) from None
     xy, score = peaks(sim, None, load)
-    original = to_original(xy, valid, load, trg_size)[0]
+    original = to_original(xy, valid, load, trg_size, fit)[0]
     return Click(similarity=sim[0], load_pixel=(int(px[0, 0]), int(px[0, 1])),
                  argmax_load=(int(xy[0, 0]), int(xy[0, 1])), argmax=(float(original[0]), float(original[1])),
                  score=float(score[0]))

@@ -172,6 +172,13 @@ class ViewerData:
             raise UnknownItem(f"checkpoint {index!r}: the viewer was given {len(self.checkpoints)} (--checkpoint RUN)")
         return self.checkpoints[i]
 
+    def fit(self, key: str) -> str:
+        """How the images behind a descriptor key were made square (Preprocessing.fit of its source)."""
+        kind, _, rest = key.partition(":")
+        source = self.checkpoint(rest).source if kind == "ckpt" else parse_raw_key(key, self.images).source
+        cache = self.images.sources.get(source)
+        return getattr(cache.spec.preprocessing, "fit", "stretch") if cache is not None else "stretch"
+
     def prepared(self, key: str, image_id: str, load_size: int) -> PreparedTarget:
         return self._prepared.get((key, image_id, load_size),
                                   lambda: prepare_target(self.descriptor(key, image_id), load_size))
@@ -187,7 +194,7 @@ class ViewerData:
             raise UnknownItem(f"pair {pair.name}: {pair.problem}")
         started = time.perf_counter()
         click = click_similarity(self.descriptor(key, record.src), self.prepared(key, record.trg, load_size),
-                                 point, record.src_size, record.trg_size)
+                                 point, record.src_size, record.trg_size, self.fit(key))
         return self._answer(click, key, point, load_size, started)
 
     def upload_click(self, job_id: str, point: tuple[float, float], load_size: int) -> dict[str, Any]:

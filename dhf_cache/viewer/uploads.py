@@ -57,6 +57,7 @@ class UploadJob:
     seconds: float | None = None
     descriptors: tuple[torch.Tensor, torch.Tensor] | None = None
     sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
+    fit: str = "stretch"  # how the checkpoint's backbone input was made square (Preprocessing.fit)
     prepared: dict[int, PreparedTarget] = field(default_factory=dict)
 
     def status(self) -> dict[str, Any]:
@@ -132,7 +133,8 @@ class Uploads:
             load = EVAL_LOAD_SIZE  # as `dhf-cache match` by default; clicks choose theirs
             points = grid_points(images[0].size, job.grid)
             target = prepare_target(desc_b, load)
-            found = match_points(desc_a, target, points, images[0].size, images[1].size, load)
+            job.fit = hf.extractor.preprocessing.fit  # how the backbone's input was made square
+            found = match_points(desc_a, target, points, images[0].size, images[1].size, load, fit=job.fit)
             job.descriptors = (desc_a, desc_b)
             job.sizes = (images[0].size, images[1].size)
             job.prepared[load] = target
@@ -172,7 +174,7 @@ class Uploads:
             raise UsageError(f"upload job {job_id}: not finished ({job.state}); wait for its matches")
         if load_size not in job.prepared:
             job.prepared[load_size] = prepare_target(job.descriptors[1], load_size)
-        return click_similarity(job.descriptors[0], job.prepared[load_size], point, *job.sizes), job
+        return click_similarity(job.descriptors[0], job.prepared[load_size], point, *job.sizes, job.fit), job
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

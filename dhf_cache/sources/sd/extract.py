@@ -83,7 +83,7 @@ class FeatureExtractor:
         """One loaded image as the model input (METHOD.md's chain, images.preprocess)."""
         from dhf_cache.datasets.images import preprocess
 
-        return preprocess(image, self.preprocessing.load_size, self.preprocessing.image_size)
+        return preprocess(image, self.preprocessing.load_size, self.preprocessing.image_size, self.preprocessing.fit)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -47,7 +47,7 @@ M = Mutation
 MUTATIONS: list[Mutation] = [
     # -- real images: preprocessing and latent
     M("img.pil", "load resize is PIL bilinear", "dhf_cache/datasets/images.py",
-      "image.resize((load_size, load_size), Image.BILINEAR)", "image.resize((load_size, load_size), Image.BICUBIC)",
+      "resized = image.resize((width, height), Image.BILINEAR)", "resized = image.resize((width, height), Image.BICUBIC)",
       ["tests/test_images.py"]),
     M("img.range", "pixels to [-1, 1]", "dhf_cache/datasets/images.py",
       "x = x / 127.5 - 1.0", "x = x / 255.0", ["tests/test_images.py"]),
@@ -236,7 +236,7 @@ MUTATIONS: list[Mutation] = [
       'up_t = F.interpolate(trg[None], size=trg_grid[::-1], mode="bilinear", align_corners=False)[0]',
       'up_t = F.interpolate(trg[None], size=trg_grid[::-1], mode="nearest")[0]', ["tests/test_matching.py", "tests/test_scoring.py"]),
     M("match.back", "predictions mapped back to the original target size", "dhf_cache/correspondence/matching.py",
-      "out[valid] = from_load(load_xy.detach().cpu().double().numpy().reshape(-1, 2), load_size, trg_size)",
+      "out[valid] = from_load(load_xy.detach().cpu().double().numpy().reshape(-1, 2), load_size, trg_size, fit)",
       "out[valid] = load_xy.detach().cpu().double().numpy().reshape(-1, 2)",
       ["tests/test_matching.py", "tests/test_scoring.py"]),
     M("match.first", "hard argmax, first maximum on ties (torch's argmax)", "dhf_cache/correspondence/matching.py",

@@ -206,11 +206,12 @@ def open_maps(request: TrainRequest, opts: TrainOptions) -> TrainingMaps:
                             selection=selection)
     caches = FeatureCache.open_all(request.cache_url, request.storage_options)
     chosen = select_across_sources(caches, names, opts.layers, opts.timesteps)
-    geometry = {name: (image_fit(caches[name]), caches[name].spec.preprocessing.load_size) for name in chosen.selections}
-    if len(set(geometry.values())) > 1:  # a keypoint must land on the same cell of every source's maps
+    fits = {name: image_fit(caches[name]) for name in chosen.selections}
+    # a keypoint must land on the same place of every source's maps: the same fit (load sizes may
+    # differ, each placement is proportional to its square)
+    if len(set(fits.values())) > 1:
         raise UsageError("--source " + ",".join(names) + ": the sources' images were made square differently ("
-                         + ", ".join(f"{n}: fit {f}, load {s}" for n, (f, s) in geometry.items())
-                         + "); fuse sources built with the same --fit and --load-size")
+                         + ", ".join(f"{n}: fit {f}" for n, f in fits.items()) + "); fuse sources built with the same --fit")
     reader = SourcesReader(caches, chosen)
     shape = " + ".join(f"{name}: {len(sel.layers)} layers x {len(sel.positions)} timesteps"
                        for name, sel in chosen.selections.items())

@@ -93,5 +93,11 @@ def test_a_padded_cache_is_built_trained_and_evaluated(tmp_path, mini_spair, tin
     differs = [n for n in metrics["notes"] if "differs from protocol sd-dino" in n]
     assert len(differs) == 1 and "load_size 56 (the protocol's: 840)" in differs[0] and "match_at" not in differs[0]
     assert any("padded to squares" in n for n in metrics["notes"])
-    refused = invoke("eval", *common, "--out", tmp_path / "o", "--raw", "layernorm", "--match-at", "original")
+    refused = invoke("eval", *common, "--out", tmp_path / "o", "--raw", "dinov2:layernorm", "--match-at", "original")
     assert refused.exit_code != 0 and "use --match-at load" in refused.output
+    # a stretched source beside the padded one: their maps cover other pixels, so no fusion
+    added = invoke("build", "--dataset", f"spair:{mini_spair}", "--cache", cache, "--model", tiny_dino_dir,
+                   "--source", "stretched", "--load-size", "56", "--image-size", "56", "--device", "cpu", "--no-progress")
+    assert added.exit_code == 0, added.output
+    fused = invoke("train", *common, "--out", tmp_path / "fused", "--source", "dinov2,stretched", "--steps", "1")
+    assert fused.exit_code == 2 and "made square differently (dinov2: fit pad, stretched: fit stretch)" in fused.output

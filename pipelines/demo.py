@@ -126,15 +126,16 @@ def comparison_lines(result: DemoResult) -> list[str]:
     rows = [("trained aggregator", result.trained.metrics),
             (f"one raw map, best on {chosen_on} ({best['layer']}@{best['timestep']})", result.raw.metrics)]
     m = result.trained.metrics
+    width = max(44, *(len(name) for name, _ in rows))
     lines = [
         f"PCK@0.1 on the sample data's test pairs ({m['n_pairs']} pairs, {m['n_points']} points, "
         f"load size {m['options']['load_size']}):",
-        f"  {'':<44} {'bbox/point':>10} {'bbox/image':>10} {'bbox/cat':>9} {'img/point':>10}",
+        f"  {'':<{width}} {'bbox/point':>10} {'bbox/image':>10} {'bbox/cat':>9} {'img/point':>10}",
     ]
     for name, metrics in rows:
         b, i = metrics["pck"]["bbox@0.1"], metrics["pck"]["img@0.1"]
         cells = [b["per_point"], b["per_image"], b["per_category_mean"], i["per_point"]]
-        lines.append(f"  {name:<44} " + " ".join(f"{100 * v:>10.1f}" if v is not None else f"{'–':>10}" for v in cells))
+        lines.append(f"  {name:<{width}} " + " ".join(f"{100 * v:>10.1f}" if v is not None else f"{'–':>10}" for v in cells))
     for name, metrics in rows:
         head = metrics["headline"][0]
         if head.get("ci95"):

@@ -30,7 +30,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import _common  # noqa: E402, F401  (first: it records the environment the benchmark was started with)
 from dhf_cache.openmp import settle_wait_policy  # noqa: E402
@@ -123,15 +122,9 @@ class Synthetic:
         self.cache = FeatureCache.prepare(str(url), spec, [LayerInfo(LAYER, 4, 1, 1)], [-1], self.ids,
                                           latent_shape=(4, 1, 1), provenance={"bench": "eval_scaling"})
         self.index = self.cache.index_of()
-        # the checkpoint stand-in: what `_checkpoint_descriptors` reads off a loaded checkpoint
-        from dhf_cache.aggregator.network import AggregationNetwork
-
-        net = AggregationNetwork([LayerInfo(LAYER, 4, 1, 1)], 1, args.dim, args.grid, num_groups=min(8, args.dim // 4))
-        self.checkpoint = SimpleNamespace(network=net, fingerprint="synthetic-eval-scaling-" + "0" * 40,
-                                          layer_names=[LAYER], timesteps=[-1],
-                                          features={"layers": [LayerInfo(LAYER, 4, 1, 1).as_dict()], "timesteps": [-1]})
+        # the descriptor set a checkpoint's eval would have stored, under a stand-in fingerprint
         shape = (args.dim, args.grid, args.grid)
-        self.store = DescriptorStore(self.cache, self.checkpoint.fingerprint, shape, {"bench": "eval_scaling"})
+        self.store = DescriptorStore(self.cache, "synthetic-eval-scaling-" + "0" * 40, shape, {"bench": "eval_scaling"})
         done = self.store.done_mask()
         gen = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()

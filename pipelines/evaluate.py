@@ -39,7 +39,8 @@ from dhf_cache.correspondence.descriptors import LRUDescriptors, aggregate
 from dhf_cache.device import resolve_device
 from dhf_cache.cache.disk_space import human_bytes
 from dhf_cache.errors import CheckpointError, EvaluationError, ImageError, UsageError
-from dhf_cache.cache.feature_loader import FeatureReader, Prefetcher, SourcesReader, SourcesSelection, done_in_all
+from dhf_cache.cache.feature_loader import (FeatureReader, Prefetcher, SourcesReader, SourcesSelection, done_in_all,
+                                            shared_fit)
 from dhf_cache.correspondence.conventions import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairTable, convention_matrix, headline_tables
 from dhf_cache.correspondence.matching import MATCH_AT, check_fit, parse_refine
 from dhf_cache.correspondence.pck import bbox_length
@@ -82,10 +83,10 @@ class EvalRequest:
     matrix_matchings: tuple[str, ...] = ()
 
 
-# Named pair subsets: (split, pairs per category, what it is). The reference validates on 20
+# Named pair subsets: (split, pairs per category). The reference validates on 20
 # pairs per category of SPair-71k's val split (METHOD.md); here they are the first 20 of each
 # category in the split's listed order.
-NAMED_SUBSETS = {"ref360": ("val", 20, "the reference's validation subset: 20 pairs per category of the val split")}
+NAMED_SUBSETS = {"ref360": ("val", 20)}  # the reference's validation subset
 
 
 def resolve_subset(request: EvalRequest) -> EvalRequest:
@@ -94,7 +95,7 @@ def resolve_subset(request: EvalRequest) -> EvalRequest:
         return request
     if request.subset not in NAMED_SUBSETS:
         raise UsageError(f"--subset {request.subset!r}: unknown; use one of {', '.join(NAMED_SUBSETS)}")
-    split, per_category, _ = NAMED_SUBSETS[request.subset]
+    split, per_category = NAMED_SUBSETS[request.subset]
     if request.split not in ("test", split) or request.limit_per_category not in (None, per_category):
         raise UsageError(f"--subset {request.subset} sets --split {split} and --limit-per-category {per_category}; "
                          "drop those options")
@@ -160,14 +161,14 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     protocol = get_protocol(request.protocol)
     if request.match_at not in MATCH_AT:
         raise UsageError(f"--match-at {request.match_at!r}: unknown; use one of {', '.join(MATCH_AT)}")
-    _other_matchings(request)  # refused before anything is read or written
+    other_matchings = _other_matchings(request)  # refused before anything is read or written
     started = time.perf_counter()
     if request.threads:
         torch.set_num_threads(request.threads)
     refine = parse_refine(request.refine)
     caches = _open_caches(request)
     cache = next(iter(caches.values()))  # images are addressed by their index in this source
-    fit = _image_fit(caches)
+    fit = shared_fit(caches, "the sources read")
     if fit == "pad" and request.match_at == "square":
         # padded features already are SD+DINO's square (of side load_size): match on it
         request = dataclasses.replace(request, match_at="load")
@@ -238,7 +239,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     alphas = sorted(set(request.alphas) | {protocol.alpha})
     own = f"{request.match_at}/{request.refine}"
     conventions = [{**row, "matching": own} for row in convention_matrix(table, alphas)]
-    for other in _other_matchings(request):
+    for other in other_matchings:
         where, how = other.split("/")
         if fit == "pad" and where != "load":
             continue  # padded features are matched on their square only (matching.check_fit)
@@ -248,7 +249,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
     base = protocol.threshold_base(dataset.default_threshold)
     tables = headline_tables(table, base, protocol.inequality, protocol.alpha, protocol.averagings,
                              request.bootstrap, request.seed)
-    matching = _matching_record(request, protocol, cache)
+    matching = _matching_record(request, protocol, cache, fit)
     notes += matching["notes"]
     metrics = {
         "n_pairs": summary["n_pairs"],
@@ -261,7 +262,7 @@ def run_eval(request: EvalRequest, log: Callable[[str], None] = print) -> EvalRe
                     "dropped_nonfinite_points": sum(p.dropped_kps for p in pairs),
                     # pairs a benchmark loader left out, by reason (padded, invisible, out_of_image)
                     **{f"dataset_{reason}_pairs": n for reason, n in
-                       (getattr(dataset, "skipped_by_split", {}).get(request.split) or {}).items()}},
+                       dataset.skipped_pairs(request.split).items()}},
         "fingerprints": {"checkpoint": checkpoint_fp, "cache": cache.fingerprint},
         "options": options,
         "feature_source": getattr(cache.spec.feature_space, "source", cache.name),
@@ -485,15 +486,6 @@ def _raw_provider(cache: FeatureCache, layer: str, position: int) -> Callable[[s
     return lambda image_id: torch.from_numpy(np.asarray(maps(image_id)[position], dtype=np.float32))
 
 
-def _image_fit(caches: dict[str, FeatureCache]) -> str:
-    """How the sources' images were made square (Preprocessing.fit); fused sources must agree."""
-    fits = {getattr(c.spec.preprocessing, "fit", "stretch") for c in caches.values()}
-    if len(fits) > 1:
-        raise EvaluationError("the sources read were built with different --fit (" + ", ".join(sorted(fits))
-                              + "): their maps do not cover the same pixels; rebuild one of them")
-    return fits.pop()
-
-
 def _other_matchings(request: EvalRequest) -> list[str]:
     """The `MATCH_AT/REFINE` matchings besides the run's own whose matrices eval adds."""
     from dhf_cache.correspondence.matching import REFINE_CHOICES
@@ -533,11 +525,10 @@ PAPER_PROTOCOLS = {224: "the paper's test protocol (load size 224 for the model 
                    512: "the reference's training validation protocol (load size 512 for both)"}
 
 
-def _matching_record(request: EvalRequest, protocol: Protocol, cache: FeatureCache) -> dict:
+def _matching_record(request: EvalRequest, protocol: Protocol, cache: FeatureCache, fit: str) -> dict:
     """Where matching happened, whether it is the protocol's, and which of the reference's
     protocols it reproduces (or that the cache's load size differs from the matching one)."""
     ran = {"match_at": request.match_at, "load_size": request.load_size, "refine": request.refine}
-    fit = getattr(cache.spec.preprocessing, "fit", "stretch")
     # on padded features, the load square is the protocol's aspect-kept square with its padding
     same_place = {("square", "load")} if fit == "pad" else set()
     differs = [f"{k} {ran[k]} (the protocol's: {v})" for k, v in protocol.matching().items()

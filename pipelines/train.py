@@ -37,7 +37,7 @@ from dhf_cache.correspondence.descriptors import LRUDescriptors, network_descrip
 from dhf_cache.device import resolve_device
 from dhf_cache.errors import TrainingError, UsageError
 from dhf_cache.cache.feature_loader import (FeatureReader, FeatureSelection, Prefetcher, SourcesReader, select_across_sources,
-                                     select_features)
+                                     select_features, shared_fit)
 from dhf_cache.aggregator.losses import grid_keypoints, symmetric_ce_loss
 from dhf_cache.progress import progress_bar
 from dhf_cache.pipelines.run_folder import open_run, start_run
@@ -188,11 +188,6 @@ class TrainingMaps:
                                   opts.output_size, opts.norm_groups)
 
 
-def image_fit(cache: FeatureCache) -> str:
-    """How the source's images were made square (Preprocessing.fit; stretch before it existed)."""
-    return getattr(cache.spec.preprocessing, "fit", "stretch")
-
-
 def open_maps(request: TrainRequest, opts: TrainOptions) -> TrainingMaps:
     """The cache's sources a run reads: --source (one, or a comma-separated list to fuse), else
     the resumed run's, else the cache's only source."""
@@ -206,12 +201,7 @@ def open_maps(request: TrainRequest, opts: TrainOptions) -> TrainingMaps:
                             selection=selection)
     caches = FeatureCache.open_all(request.cache_url, request.storage_options)
     chosen = select_across_sources(caches, names, opts.layers, opts.timesteps)
-    fits = {name: image_fit(caches[name]) for name in chosen.selections}
-    # a keypoint must land on the same place of every source's maps: the same fit (load sizes may
-    # differ, each placement is proportional to its square)
-    if len(set(fits.values())) > 1:
-        raise UsageError("--source " + ",".join(names) + ": the sources' images were made square differently ("
-                         + ", ".join(f"{n}: fit {f}" for n, f in fits.items()) + "); fuse sources built with the same --fit")
+    shared_fit({name: caches[name] for name in chosen.selections}, "--source " + ",".join(names))
     reader = SourcesReader(caches, chosen)
     shape = " + ".join(f"{name}: {len(sel.layers)} layers x {len(sel.positions)} timesteps"
                        for name, sel in chosen.selections.items())
@@ -275,7 +265,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
 
     schedule = PairSchedule(len(train_pairs), opts.pairs_per_step, opts.seed)
     grid = opts.output_size
-    fit, fit_side = image_fit(maps.primary), maps.primary.spec.preprocessing.load_size
+    fit, fit_side = maps.primary.spec.preprocessing.fit, maps.primary.spec.preprocessing.load_size
     examples = [
         _Example(p, grid_keypoints(p.src_kps, p.src_size, grid, fit, fit_side),
                  grid_keypoints(p.trg_kps, p.trg_size, grid, fit, fit_side))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -205,6 +205,18 @@ def done_in_all(caches: Sequence[FeatureCache]) -> np.ndarray:
         index, flags = cache.index_of(), cache.done_mask()
         done &= np.array([i in index and bool(flags[index[i]]) for i in primary.image_ids], dtype=bool)
     return done
+
+
+def shared_fit(caches: Mapping[str, FeatureCache], what: str) -> str:
+    """The Preprocessing.fit of sources read together. A keypoint must land on the same place of
+    every source's maps, so their fits must agree (their load sizes may differ: a stretched or
+    padded placement is proportional to its square); `what` names them in the UsageError."""
+    fits = {name: cache.spec.preprocessing.fit for name, cache in caches.items()}
+    if len(set(fits.values())) > 1:
+        raise UsageError(f"{what}: the sources' images were made square differently ("
+                         + ", ".join(f"{n}: fit {f}" for n, f in fits.items())
+                         + "); read together only sources built with the same --fit")
+    return next(iter(fits.values()))
 
 
 class SourcesReader:

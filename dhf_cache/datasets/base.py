@@ -66,6 +66,11 @@ class Dataset(ABC):
     def images(self, split: str | None = None) -> list[ImageRecord]:
         """Images to build, sorted by id, without duplicates."""
 
+    def skipped_pairs(self, split: str) -> dict[str, int]:
+        """Pairs of `split` the loader left out for lack of usable keypoints, {reason: count}
+        (benchmark loaders, benchmark_common.SkipCounts); none here."""
+        return {}
+
     def pairs(self, split: str) -> list[PairRecord]:
         raise DatasetError(f"{self.spec}: this dataset has no keypoint pairs; use spair:PATH or pairs:FILE.json")
 

@@ -143,6 +143,9 @@ class SkipCounts:
         by_split = self.__dict__.setdefault("skipped_by_split", {})
         by_split[split] = {r: reasons.count(r) for r in SKIP_REASONS if r in reasons}
 
+    def skipped_pairs(self, split: str) -> dict[str, int]:
+        return dict(self.__dict__.get("skipped_by_split", {}).get(split, {}))
+
     @property
     def skipped(self) -> dict[str, int]:
         total: dict[str, int] = {}

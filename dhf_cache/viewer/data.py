@@ -177,7 +177,7 @@ class ViewerData:
         kind, _, rest = key.partition(":")
         source = self.checkpoint(rest).source if kind == "ckpt" else parse_raw_key(key, self.images).source
         cache = self.images.sources.get(source)
-        return getattr(cache.spec.preprocessing, "fit", "stretch") if cache is not None else "stretch"
+        return cache.spec.preprocessing.fit if cache is not None else "stretch"
 
     def prepared(self, key: str, image_id: str, load_size: int) -> PreparedTarget:
         return self._prepared.get((key, image_id, load_size),

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from dhf_cache.correspondence.conventions import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, PairTable, bootstrap_weights,
                                                   interval, within_category)
 from dhf_cache.correspondence.pck import PCKAccumulator
 from dhf_cache.errors import UsageError
+from dhf_cache.reports.eval_folder import read_json_file, read_predictions
 
 # what must agree for a difference to mean anything (besides the pairs themselves)
 SAME = (("protocol", "name"), ("protocol", "threshold_base"), ("protocol", "inequality"), ("protocol", "alpha"),
@@ -37,20 +37,9 @@ class Evaluation:
 def load_evaluation(folder: Path) -> Evaluation:
     """An eval folder's metrics.json and predictions.jsonl, refused in one line when unusable."""
     folder = Path(folder)
-    metrics_path, predictions_path = folder / "metrics.json", folder / "predictions.jsonl"
-    for path in (metrics_path, predictions_path):
-        if not path.is_file():
-            raise UsageError(f"{folder}: no {path.name}; pass a folder written by `dhf-cache eval`")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-        records = {}
-        for n, line in enumerate(predictions_path.read_text().splitlines(), 1):
-            if line.strip():
-                record = json.loads(line)
-                records[record["pair"]] = record
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UsageError(f"{folder}: unreadable metrics.json or predictions.jsonl ({exc}); rerun `dhf-cache eval`") from None
-    if "protocol" not in metrics:
+    metrics = read_json_file(folder / "metrics.json", "JSON", str(folder), UsageError)
+    records = {r["pair"]: r for r in read_predictions(folder / "predictions.jsonl", str(folder), UsageError)}
+    if not isinstance(metrics, dict) or "protocol" not in metrics:
         raise UsageError(f"{folder}: written by an older `dhf-cache eval` (no protocol in metrics.json); rerun it")
     return Evaluation(folder, metrics, records)
 
@@ -79,9 +68,8 @@ def _table(evaluation: Evaluation, names: list[str]) -> PairTable:
     accumulator = PCKAccumulator((0.1,))
     for name in names:
         r = evaluation.records[name]
-        pred = np.array([[np.nan if v is None else v for v in p] for p in r["pred_kps"]], dtype=np.float64).reshape(-1, 2)
-        accumulator.add(name, r["category"], pred, np.asarray(r["trg_kps"], dtype=np.float64).reshape(-1, 2),
-                        r["trg_bndbox"], r["trg_imsize"], r.get("flags"))
+        _, trg_kps, pred_kps = r["_arrays"]
+        accumulator.add(name, r["category"], pred_kps, trg_kps, r["_box"], r["_size"], r.get("flags"))
     return PairTable(accumulator.pairs)
 
 

@@ -12,7 +12,6 @@ length L (max side of the target's box), so a keypoint is correct at alpha when 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +22,8 @@ import numpy as np
 from dhf_cache.config import EVAL_LOAD_SIZE, PCK_ALPHAS
 from dhf_cache.correspondence.pck import bbox_length
 from dhf_cache.datasets import Dataset, PairRecord, open_dataset
-from dhf_cache.datasets.files import open_regular
+from dhf_cache.reports.eval_folder import read_json_file, read_predictions
 from dhf_cache.errors import DhfCacheError, EvaluationError, first_line
-
-RECORD_FIELDS = ("pair", "src_kps", "trg_kps", "pred_kps", "trg_bndbox", "trg_imsize")
-
 
 @dataclass
 class EvalPair:
@@ -129,69 +125,20 @@ class Evaluation:
                 "pck": pck, "unmatched": sum(p.record is None for p in self.pairs)}
 
 
-def read_json_file(path: Path, what: str) -> Any:
-    """A JSON file of an evaluation folder (opened only when it is a regular file)."""
-    try:
-        with open_regular(path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        raise EvaluationError(f"--eval {path.parent}: no {path.name}; give a folder `dhf-cache eval --out` wrote") from None
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"--eval {path.parent}: {path.name} cannot be read as {what} ({first_line(exc)}); "
-                              "rerun `dhf-cache eval`") from None
-
-
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """predictions.jsonl's records, each checked for the fields the viewer draws."""
-    try:
-        with open_regular(path) as f:
-            lines = f.read().decode("utf-8").splitlines()
-    except FileNotFoundError:
-        raise EvaluationError(f"--eval {path.parent}: no {path.name}; give a folder `dhf-cache eval --out` wrote") from None
-    except (OSError, ValueError) as exc:
-        raise EvaluationError(f"--eval {path.parent}: {path.name} cannot be read ({first_line(exc)})") from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or any(key not in record for key in RECORD_FIELDS):
-                raise ValueError(f"expected an object with {', '.join(RECORD_FIELDS)}")
-            record["_arrays"] = tuple(_as_points(record[key]) for key in ("src_kps", "trg_kps", "pred_kps"))
-            if not len(record["_arrays"][0]) == len(record["_arrays"][1]) == len(record["_arrays"][2]):
-                raise ValueError("src_kps, trg_kps and pred_kps differ in length")
-            box, size = record["trg_bndbox"], record["trg_imsize"]
-            if not (isinstance(box, list) and len(box) == 4 and isinstance(size, list) and len(size) == 2):
-                raise ValueError("trg_bndbox must be [x1, y1, x2, y2] and trg_imsize [W, H]")
-            record["_box"] = tuple(float(v) for v in box)
-            record["_size"] = (int(size[0]), int(size[1]))
-        except (ValueError, TypeError) as exc:
-            raise EvaluationError(f"--eval {path.parent}: {path.name} line {number}: not a prediction record "
-                                  f"({first_line(exc)}); rerun `dhf-cache eval`") from None
-        records.append(record)
-    return records
-
-
-def _as_points(value: Any) -> np.ndarray:
-    array = np.array([[np.nan if v is None else float(v) for v in point] for point in value], dtype=np.float64)
-    return array.reshape(-1, 2)
-
-
 def open_evaluation(path: Path, dataset_spec: str | None, datasets: dict[str, Dataset] | None = None) -> Evaluation:
     """The evaluation in folder `path`, its pairs joined with the data set's records.
 
     `dataset_spec` (--dataset) wins over the data set metrics.json names: the folder may have
     moved since eval ran (metrics.json records the spec as eval was given it). `datasets` keeps
     the data sets opened so far by spec (several evaluations of one data set open it once)."""
-    metrics = read_json_file(path / "metrics.json", "JSON")
+    metrics = read_json_file(path / "metrics.json", "JSON", f"--eval {path}")
     if not isinstance(metrics, dict):
         raise EvaluationError(f"--eval {path}: metrics.json is not a JSON object; rerun `dhf-cache eval`")
     spec = dataset_spec or metrics.get("dataset")
     if not isinstance(spec, str) or not spec:
         raise EvaluationError(f"--eval {path}: metrics.json names no data set; pass --dataset")
     evaluation = Evaluation(label=path.name or str(path), path=path, metrics=metrics, dataset=spec)
-    records = read_predictions(path / "predictions.jsonl")
+    records = read_predictions(path / "predictions.jsonl", f"--eval {path}")
     try:
         datasets = {} if datasets is None else datasets
         if spec not in datasets:

@@ -127,6 +127,14 @@ def _complete(group) -> bool:
     return "maps" in group and "done" in group
 
 
+def holds_complete_set(cache: FeatureCache, key: str) -> bool:
+    """Whether the cache holds a complete set for `key` (a checkpoint fingerprint): opening it
+    with DescriptorStore then creates nothing (read-only readers such as the viewer ask first)."""
+    if GROUP not in cache.group or key[:KEY_LENGTH] not in cache.group[GROUP]:
+        return False
+    return _complete(cache.group[GROUP][key[:KEY_LENGTH]])
+
+
 # ------------------------------------------------------------------- listing and pruning
 
 

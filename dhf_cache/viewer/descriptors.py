@@ -24,7 +24,7 @@ import torch
 
 from dhf_cache.aggregator.checkpoint import Checkpoint, check_features_match, load_checkpoint
 from dhf_cache.api import Hyperfeatures
-from dhf_cache.cache.descriptor_store import GROUP, KEY_LENGTH, DescriptorStore
+from dhf_cache.cache.descriptor_store import KEY_LENGTH, DescriptorStore, holds_complete_set
 from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.errors import CacheError, UsageError, first_line
 
@@ -180,10 +180,7 @@ class CheckpointDescriptors:
         cache = self.images.sources[self.source]
         key = self.fingerprint[:KEY_LENGTH]
         try:
-            if GROUP not in cache.group or key not in cache.group[GROUP]:
-                return None
-            group = cache.group[GROUP][key]
-            if "maps" not in group or "done" not in group:
+            if not holds_complete_set(cache, self.fingerprint):
                 return None
             net = self.checkpoint.network
             store = DescriptorStore(cache, self.fingerprint, (net.projection_dim, net.output_size, net.output_size), {})

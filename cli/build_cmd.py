@@ -20,6 +20,12 @@ Build SD 1.5 features for SPair-71k's test images on a GPU (the paper's setting)
 
     dhf-cache build --dataset spair:/data/SPair-71k --split test --cache spair.zarr --batch-size 8
 
+The same with the GPU speed levers (stored values unchanged within fp16 rounding; which of them
+pay on which card: docs/benchmarks.md, GPU section):
+
+    dhf-cache build --dataset spair:/data/SPair-71k --split test --cache spair.zarr --batch-size 16 \
+        --channels-last --compile reduce-overhead
+
 Offline, on the embedded sample data with the tiny model (CPU, seconds):
 
     dhf-cache tiny-model tiny && dhf-cache sample-data sample
@@ -118,6 +124,9 @@ def build(
     batch_size: Annotated[int, typer.Option(min=1, help="Images that share each UNet call.")] = _OPTS.batch_size,
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N, mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Compute dtype: auto (float16 on CUDA, float32 otherwise), float32, float16, bfloat16.")] = "auto",
+    channels_last: Annotated[bool, typer.Option(help="Speed lever: the network in channels-last memory format (faster convolutions on recent GPUs); stored values stay within fp16 rounding.")] = _OPTS.channels_last,
+    attention: Annotated[str, typer.Option(help="Speed lever: the attention kernel, auto (torch picks per call), flash, efficient, cudnn (CUDA only) or math.")] = _OPTS.attention,
+    compile: Annotated[str, typer.Option(help="Speed lever: torch.compile the network: off, default, reduce-overhead (adds CUDA graphs; CUDA only) or max-autotune. The first batch compiles (minutes); a short last batch is padded to --batch-size.")] = _OPTS.compile,
     seed: Annotated[int, typer.Option(help="Seed of the sampled VAE latents (each image's generator derives from seed and image id).")] = _PRE.seed,
     codec: Annotated[str, typer.Option(help="zstd (lossless, default); bitround (lossy: keep --keepbits mantissa bits, then zstd); quant8 (lossy: 8-bit codes per map, then zstd; ~2x smaller).")] = _CODEC.name,
     keepbits: Annotated[Optional[int], typer.Option(min=1, max=9, help="Mantissa bits kept by --codec bitround (fp16 has 10).")] = None,
@@ -180,7 +189,8 @@ def build(
     try:
         options = BuildOptions(batch_size=batch_size, device=device, max_pixels=max_pixels, limit=limit,
                                progress=progress, shard=_parse_shard(shard), threads=threads,
-                               prepare_only=prepare_only)
+                               prepare_only=prepare_only, channels_last=channels_last, attention=attention,
+                               compile=compile)
     except ValueError as exc:
         raise UsageError(invalid_values(exc)) from None
     if scheduler is not None:

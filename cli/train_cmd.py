@@ -27,6 +27,11 @@ Continue a run stopped by Ctrl-C, a kill or a crash (the same command with --res
 options come from its config.json, and a later --steps trains further):
 
     dhf-cache train --cache spair.zarr --dataset spair:/data/SPair-71k --out runs/dhf --resume --steps 8000
+
+On a GPU with bf16 (A100, H100 and later), the forward pass in bf16 autocast; weights, optimizer,
+loss and validation stay fp32 (docs/benchmarks.md, GPU, for the step time it buys):
+
+    dhf-cache train --cache spair.zarr --dataset spair:/data/SPair-71k --out runs/dhf-bf16 --precision bf16
 """
 
 
@@ -74,7 +79,8 @@ def train(
     val_load_size: Annotated[int, typer.Option(min=8, help="Load size of validation PCK (as eval).")] = DEFAULTS.val_load_size,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the pair order.")] = DEFAULTS.seed,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint, with the options of its config.json (options typed now must match them, except --steps, --lr, --val-every, --skip-missing).")] = False,
+    precision: Annotated[str, typer.Option(help="The step's forward pass: fp32 (the reference) or bf16 (autocast; weights, optimizer, loss and validation stay fp32; GPUs with bf16 and CPUs).")] = DEFAULTS.precision,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint, with the options of its config.json (options typed now must match them, except --steps, --lr, --val-every, --skip-missing, --precision).")] = False,
     skip_missing: Annotated[bool, typer.Option(help="Train on the pairs whose images are built; skip the rest.")] = False,
     storage_options: Annotated[Optional[str], typer.Option(help="JSON object of fsspec storage options.")] = None,
     source: Annotated[Optional[str], typer.Option(help="Which feature source of the cache (see `dhf-cache info`); needed when it holds several.")] = None,
@@ -93,7 +99,7 @@ def train(
             split=split, val_split=val_split or None, steps=steps, lr=lr, pairs_per_step=pairs_per_step,
             layers=_split_names(layers), timesteps=_split_ints(timesteps, "--timesteps"),
             projection_dim=projection_dim, output_size=output_size, norm_groups=norm_groups, val_every=val_every, val_pairs_per_category=val_pairs_per_category,
-            val_load_size=val_load_size, seed=seed, skip_missing=skip_missing,
+            val_load_size=val_load_size, seed=seed, skip_missing=skip_missing, precision=precision,
         )
     except ValueError as exc:
         raise UsageError(invalid_values(exc)) from None

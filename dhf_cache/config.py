@@ -247,6 +247,10 @@ class BuildOptions(Frozen):
     shard: tuple[int, int] | None = None  # (i, n): build the i-th (0-based) of n disjoint shards
     threads: int | None = Field(None, ge=1)  # torch intra-op threads (CPU results depend on it)
     prepare_only: bool = False  # create or check the cache, build nothing (coordinator step)
+    # speed levers on the network (sources/acceleration.py): values stay within fp16 rounding
+    channels_last: bool = False
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 
     @field_validator("shard")
     @classmethod
@@ -316,3 +320,6 @@ class TrainOptions(Frozen):
     val_load_size: int = Field(EVAL_LOAD_SIZE, ge=MIN_LOAD_SIZE, le=MAX_LOAD_SIZE)
     seed: int = 0
     skip_missing: bool = False
+    # the training step's forward pass: fp32 (the reference), or bf16 autocast with fp32 weights,
+    # optimizer, loss and validation (pipelines/train.py `_train_step`)
+    precision: Literal["fp32", "bf16"] = "fp32"

@@ -18,6 +18,7 @@ import torch
 
 from dhf_cache.sources.sd.backbone import load_backbone
 
+from dhf_cache.sources.acceleration import check_levers, pad_batch
 from dhf_cache.sources.loading import DTYPES
 from dhf_cache.cache.feature_cache import FeatureCache
 from dhf_cache.sources.sd.capture import resolve_layers
@@ -112,10 +113,12 @@ def run_build(
     check_steps(request)  # a typo in --steps must not wait for the model to load
     if options.threads:
         torch.set_num_threads(options.threads)
+    check_levers(resolve_device(options.device), options.attention, options.compile)  # before the model loads
     records = request_records(request)
     if options.limit:
         records = records[: options.limit]
     extractor, cache = open_build(request, [r.id for r in records], options.device, log)
+    accelerate_extractor(extractor, options, log)
     if options.prepare_only:
         log(f"cache {cache.url} ready for {len(records)} images; nothing built (--prepare-only)")
         return BuildResult(cache.url, len(records), 0, 0, [], time.perf_counter() - start)
@@ -310,6 +313,15 @@ def shard_records(records: list[ImageRecord], index: dict[str, int], batch_size:
     return [r for g, group in enumerate(groups) if g % n_shards == shard for r in group]
 
 
+def accelerate_extractor(extractor, options: BuildOptions, log: Callable[[str], None] = print) -> None:
+    """Apply the run's speed levers (sources/acceleration.py) to the extractor's network."""
+    levers = {"channels_last": options.channels_last, "attention": options.attention, "compile": options.compile}
+    if levers != {"channels_last": False, "attention": "auto", "compile": "off"}:
+        extractor.accelerate(**levers)
+        log("speed levers: " + ", ".join(f"{k}={v}" for k, v in levers.items())
+            + ("; the first batch compiles the network (minutes)" if options.compile != "off" else ""))
+
+
 def build_images(
     extractor: FeatureExtractor,
     cache: FeatureCache,
@@ -358,7 +370,10 @@ def build_images(
             if not loaded:
                 continue
             pixels = torch.stack([extractor.preprocess(im) for _, im in loaded])
-            results = extractor.extract(pixels, [r.id for r, _ in loaded])
+            ids = [r.id for r, _ in loaded]
+            if options.compile != "off":  # a compiled network keeps one batch shape (zip drops the padding)
+                pixels, ids = pad_batch(pixels, ids, options.batch_size)
+            results = extractor.extract(pixels, ids)
             for (record, image), result in zip(loaded, results):
                 if record.id in todo:
                     writer.put(index[record.id], result, image.size, result.error, record.id)

@@ -40,18 +40,21 @@ def _worker_extractor(job: dict):
     import torch
 
     from dhf_cache.device import resolve_device, spread_device
-    from dhf_cache.pipelines.build import extractor_for_spec
+    from dhf_cache.pipelines.build import accelerate_extractor, extractor_for_spec
 
     device_name = spread_device(job["device"], _local_worker_index() if job.get("spread_gpus") else None)
-    key = (job["model"], job["spec_fingerprint"], device_name)
+    key = (job["model"], job["spec_fingerprint"], device_name, job.get("compile"), job.get("attention"),
+           job.get("channels_last"))
     if key not in _WORKER_EXTRACTORS:
         if job.get("threads"):
             torch.set_num_threads(job["threads"])
         device = resolve_device(device_name)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # stray default-device work (and the context) on this GPU, not GPU 0
-        _WORKER_EXTRACTORS[key] = extractor_for_spec(job["model"], BuildSpec.model_validate(job["spec"]), device,
-                                                     who=f"worker {os.uname().nodename}: ")
+        extractor = extractor_for_spec(job["model"], BuildSpec.model_validate(job["spec"]), device,
+                                       who=f"worker {os.uname().nodename}: ")
+        accelerate_extractor(extractor, _job_options(job), log=lambda _: None)
+        _WORKER_EXTRACTORS[key] = extractor
     return _WORKER_EXTRACTORS[key]
 
 
@@ -66,14 +69,20 @@ def _local_worker_index() -> int | None:
     return name if isinstance(name, int) else None
 
 
+def _job_options(job: dict) -> BuildOptions:
+    """A worker's build options, from what the coordinator sent."""
+    return BuildOptions(batch_size=job["batch_size"], device=job["device"], max_pixels=job["max_pixels"], progress=False,
+                        channels_last=job.get("channels_last", False), attention=job.get("attention", "auto"),
+                        compile=job.get("compile", "off"))
+
+
 def build_group_task(job: dict, records: list[ImageRecord], plan: BuildPlan) -> dict:
     """One task on a worker: build one batch group into the cache; returns what happened."""
     from dhf_cache.cache.feature_cache import FeatureCache
 
     extractor = _worker_extractor(job)
     cache = FeatureCache.open(job["url"], job["storage_options"], mode="r+", source=job.get("source"))
-    options = BuildOptions(batch_size=job["batch_size"], device=str(extractor.device), max_pixels=job["max_pixels"],
-                           progress=False)
+    options = _job_options(job).model_copy(update={"device": str(extractor.device)})
     result = build_images(extractor, cache, records, options, log=lambda _: None, plan=plan)
     return {"built": result.n_built, "failures": result.failures, "pid": os.getpid(),
             "device": str(extractor.device)}
@@ -143,6 +152,7 @@ def run_distributed_build(request: BuildRequest, options: BuildOptions, schedule
         "url": request.cache_url, "storage_options": request.storage_options, "device": options.device,
         "batch_size": options.batch_size, "max_pixels": options.max_pixels, "threads": options.threads or 1,
         "spread_gpus": local,  # our own LocalCluster: one GPU per worker on a multi-GPU machine
+        "channels_last": options.channels_last, "attention": options.attention, "compile": options.compile,
     }
     own = client is None
     cluster = None

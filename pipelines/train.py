@@ -256,6 +256,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         log(f"no {opts.val_split!r} split in {request.dataset}: training without validation")
 
     device = resolve_device(request.device)
+    check_precision(opts.precision, device)
     torch.manual_seed(opts.seed)
     network = maps.network(opts).to(device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
@@ -283,6 +284,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         f"skipped; {skipped['nonfinite_keypoints']} non-finite keypoints dropped), {len(val_pairs)} validation pairs; "
         f"{maps.shape}, "
         f"{sum(p.numel() for p in network.parameters()):,} parameters, on {device}"
+        + (" (bf16 autocast)" if opts.precision == "bf16" else "")
     )
     prefetcher = Prefetcher(load, range(start_step + 1, opts.steps + 1), request.prefetch, request.loader_workers)
     log(f"loader: {prefetcher.workers} reader threads, {prefetcher.depth} steps read ahead")
@@ -326,7 +328,7 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
             for step, batch, feats in batches:
                 with guard.deferred():  # an update cut short would leave weights of no step
                     network.train()
-                    loss = _train_step(network, optimizer, batch, feats, device, staging)
+                    loss = _train_step(network, optimizer, batch, feats, device, staging, opts.precision)
                     if not np.isfinite(loss):
                         save_checkpoint(out, "last", network, {"step": step - 1, **best}, optimizer)
                         raise _non_finite_loss(loss, step, batch, feats, request, out)
@@ -356,6 +358,12 @@ def run_train(request: TrainRequest, log: Callable[[str], None] = print) -> Trai
         seconds=time.perf_counter() - started, loop_seconds=loop_seconds, loader_wait_seconds=min(prefetcher.wait_seconds, loop_seconds),
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, loader_workers=prefetcher.workers,
     )
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """One line when the device cannot run the step's autocast dtype."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use --precision fp32")
 
 
 def _non_finite_loss(loss: float, step: int, batch: list[_Example], feats, request: TrainRequest, out: Path) -> TrainingError:
@@ -446,10 +454,17 @@ class StepInputs:
         return out
 
 
-def _train_step(network, optimizer, batch: list[_Example], feats, device, staging: StepInputs | None = None) -> float:
-    """One optimizer step on `batch` (`staging`: buffers reused across steps; None stacks afresh)."""
+def _train_step(network, optimizer, batch: list[_Example], feats, device, staging: StepInputs | None = None,
+                precision: str = "fp32") -> float:
+    """One optimizer step on `batch` (`staging`: buffers reused across steps; None stacks afresh).
+
+    bf16: the network's forward pass under autocast (its convolutions in bf16); the descriptors
+    are then cast back, so the loss (cosines scaled by 1/0.07, where bf16's 8 bits would move a
+    logit by ~0.05) and the gradients of the fp32 weights stay fp32."""
     inputs = (staging or StepInputs(device))(network.map_keys, feats)
-    desc = network(inputs)  # (2 * pairs, P, S, S): src, trg, src, trg, ...
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        desc = network(inputs)  # (2 * pairs, P, S, S): src, trg, src, trg, ...
+    desc = desc.float()
     loss = sum(
         symmetric_ce_loss(desc[2 * i], desc[2 * i + 1], e.src_kps, e.trg_kps) for i, e in enumerate(batch)
     ) / len(batch)

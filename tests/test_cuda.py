@@ -36,6 +36,27 @@ def test_a_cuda_build_stores_the_cpu_builds_features(tmp_path, mini_spair, tiny_
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999, name
 
 
+def test_the_speed_levers_store_the_plain_cuda_builds_features(tmp_path, mini_spair, tiny_model_dir):
+    """fp16 on the GPU, with and without channels-last, the flash kernel chosen by torch and the
+    UNet compiled with CUDA graphs (batch 3 over 4 images: the short batch is padded): the same
+    latents and features up to fp16 compute's reordering."""
+    caches = {}
+    for name, levers in (("plain", ()), ("levers", ("--channels-last", "--compile", "reduce-overhead"))):
+        caches[name] = tmp_path / f"{name}.zarr"
+        args = small_build_args(f"spair:{mini_spair}", caches[name], tiny_model_dir, "--split", "test",
+                                "--dtype", "float16", "--batch-size", "3", *levers)
+        args[args.index("--device") + 1] = "cuda"
+        result = cli(*args, timeout=900)
+        assert result.returncode == 0, result.stderr[-2000:]
+    plain, fast = (zarr.open_group(str(source_dir(caches[n])), mode="r") for n in ("plain", "levers"))
+    np.testing.assert_allclose(fast["latents"][:], plain["latents"][:], rtol=1e-2, atol=1e-2)
+    for name, arr in plain["features"].arrays():
+        a, b = arr[:].astype(np.float32), fast["features"][name][:].astype(np.float32)
+        assert np.isfinite(b).all()
+        assert np.abs(a - b).max() <= 0.02 * np.abs(a).max(), name
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999, name
+
+
 def test_every_stage_runs_on_cuda(tmp_path):
     work = tmp_path / "demo"
     result = cli("demo", "--workdir", str(work), "--device", "cuda", "--no-progress", "--image-size", "64",

@@ -37,6 +37,13 @@ def test_training_defaults_are_the_reference_run():
     # validation every 1,000 steps on 20 pairs per category (360 on SPair) at load size 224
     assert (o.val_every, o.val_pairs_per_category, o.val_load_size) == (1000, 20, 224)
     assert (o.split, o.val_split, o.layers, o.timesteps) == ("trn", "val", None, None)  # every cached map
+    assert o.precision == "fp32"  # the reference trains in fp32; bf16 autocast is opt-in
+
+
+def test_build_speed_levers_are_off_by_default():
+    """Until a GPU run says which pay, a build runs the network as the reference does."""
+    o = BuildOptions()
+    assert (o.channels_last, o.attention, o.compile) == (False, "auto", "off")
 
 
 def test_build_defaults_are_the_reference_inversion():
@@ -64,7 +71,7 @@ def test_eval_defaults_are_the_paper_protocol():
 def test_train_cli_defaults_are_the_config_defaults():
     cli, o = cli_defaults("train"), TrainOptions()
     for name in ("split", "steps", "lr", "pairs_per_step", "projection_dim", "output_size", "norm_groups",
-                 "val_every", "val_pairs_per_category", "val_load_size", "seed"):
+                 "val_every", "val_pairs_per_category", "val_load_size", "seed", "precision"):
         assert cli[name] == getattr(o, name), name
     assert cli["val_split"] == o.val_split and cli["layers"] is None and cli["timesteps"] is None
 
@@ -78,6 +85,7 @@ def test_build_cli_defaults_are_the_config_defaults():
     assert (cli["guidance"], cli["negative_prompt"]) == (g.guidance, g.negative_prompt)
     assert (cli["codec"], cli["zstd_level"], cli["keepbits"]) == (c.name, c.level, c.keepbits)
     assert (cli["batch_size"], cli["max_pixels"]) == (b.batch_size, b.max_pixels)
+    assert (cli["channels_last"], cli["attention"], cli["compile"]) == (b.channels_last, b.attention, b.compile)
 
 
 @pytest.mark.parametrize("command", ["eval", "match"])

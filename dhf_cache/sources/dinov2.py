@@ -399,6 +399,13 @@ class Dinov2Extractor:
                                                 align_corners=False)[0]
         return x
 
+    def accelerate(self, channels_last: bool = False, attention: str = "auto", compile: str = "off",
+                   backend: str = "inductor") -> None:
+        """Apply the speed levers (sources.acceleration) to the ViT."""
+        from dhf_cache.sources.acceleration import accelerate
+
+        accelerate(self.backbone.model, channels_last, attention, compile, backend)
+
     def extract(self, pixels: torch.Tensor, image_ids: list[str]) -> list:
         from dhf_cache.sources.sd.extract import ExtractedImage
 

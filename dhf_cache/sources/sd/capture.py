@@ -68,12 +68,16 @@ class FeatureCapture:
     """Forward hooks that keep the named layers' outputs of the last forward while enabled.
 
     Disabled hooks cost one attribute check, so calls whose features are not saved run at bare
-    speed.
+    speed. `every_call` keeps the outputs of every call instead (a compiled UNet: torch.compile
+    guards on the Python state a hook reads, so toggling `enabled` would compile the UNet twice;
+    with `every_call` first in the test, `enabled` is never read); `after_call` drops what an
+    unsaved call captured.
     """
 
     def __init__(self, unet: nn.Module, layers: Iterable[str]):
         self.layers = tuple(layers)
         self.enabled = False
+        self.every_call = False
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = [
             capture_point(unet, name).register_forward_hook(self._hook_for(name)) for name in self.layers
@@ -81,12 +85,22 @@ class FeatureCapture:
 
     def _hook_for(self, name: str):
         def hook(_module, _inputs, output):
-            if self.enabled:
+            if self.every_call or self.enabled:
                 if not isinstance(output, torch.Tensor) or output.ndim != 4:
                     raise UsageError(f"layer {name} does not output a (B, C, H, W) tensor; pick a resnet block")
                 self.outputs[name] = output
 
         return hook
+
+    def after_call(self, saved: bool) -> dict[str, torch.Tensor] | None:
+        """The outputs of the call just made when it is `saved`, else None. Under `every_call`
+        an unsaved call's outputs are dropped here, so every call starts from an empty dict (a
+        compiled graph also guards on whether the dict it fills is empty)."""
+        if saved:
+            return self.take()
+        if self.every_call:
+            self.outputs = {}
+        return None
 
     def take(self) -> dict[str, torch.Tensor]:
         missing = [n for n in self.layers if n not in self.outputs]

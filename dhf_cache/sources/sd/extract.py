@@ -85,6 +85,14 @@ class FeatureExtractor:
 
         return preprocess(image, self.preprocessing.load_size, self.preprocessing.image_size, self.preprocessing.fit)
 
+    def accelerate(self, channels_last: bool = False, attention: str = "auto", compile: str = "off",
+                   backend: str = "inductor") -> None:
+        """Apply the speed levers (sources.acceleration) to the UNet; a compiled one captures on
+        every call (FeatureCapture.every_call)."""
+        from dhf_cache.sources.acceleration import accelerate
+
+        self.capture.every_call = accelerate(self.backbone.unet, channels_last, attention, compile, backend)
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.preprocessing.image_size // self.vae_factor
@@ -147,8 +155,9 @@ class FeatureExtractor:
             pos = self.save_positions.get(i)
             self.capture.enabled = pos is not None
             eps = self.unet_noise(x, t)
-            if pos is not None:
-                store_outputs(buffers, self.capture.take(), pos, n_saved)
+            outputs = self.capture.after_call(saved=pos is not None)
+            if outputs is not None:
+                store_outputs(buffers, outputs, pos, n_saved)
             if i < last_call:
                 x = ddim_inversion_step(x, eps, sched.alpha(t), sched.alpha(t_next))
         self.capture.enabled = False

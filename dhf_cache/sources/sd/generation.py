@@ -66,8 +66,9 @@ class FeatureGenerator:
                                   float(self.scheduler.alphas_cumprod[t]), ex.prediction_type)
             eps_uncond, eps_cond = both.chunk(2)
             eps = eps_uncond + self.spec.guidance * (eps_cond - eps_uncond)
-            if pos is not None:  # the conditional half of the guided call
-                store_outputs(buffers, ex.capture.take(), pos, len(self.save_positions), rows=slice(n, None))
+            outputs = ex.capture.after_call(saved=pos is not None)
+            if outputs is not None:  # the conditional half of the guided call
+                store_outputs(buffers, outputs, pos, len(self.save_positions), rows=slice(n, None))
             x = self.scheduler.step(eps, t, x).prev_sample
         ex.capture.enabled = False
         decoded = vae.decode((x / ex.scaling_factor).to(ex.dtype)).sample.float()

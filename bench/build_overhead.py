@@ -34,6 +34,13 @@ model loading and exit count. Default: 12 photos at 64 px, 50 steps, batch 1; la
 
     python bench/build_overhead.py --whole-process   # ~6-8 min on 2 cores
 
+Speed levers (issue 18; sources/acceleration.py): `--channels-last`, `--attention KERNEL` and
+`--compile MODE` apply to both variants alike (the bare one gets its own compiled copy of the
+UNet, without hooks, so neither recompiles when the other runs); `--flops` counts one UNet call's
+FLOPs (torch's FlopCounterMode, before the levers) and reports the achieved TFLOP/s of the UNet
+calls and their fraction of the card's dense fp16/bf16 peak (PEAK_TFLOPS below, or
+$DHF_PEAK_TFLOPS).
+
 Everything is made offline in a temporary folder (tiny model, sample images); nothing is
 downloaded. The SD 1.5 configuration builds its models in memory (random weights).
 """
@@ -110,6 +117,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", help="keep inputs and caches here (default: a temporary folder, removed)")
     p.add_argument("--json", dest="json_out", help="also write every figure to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels-last", action="store_true", help="speed lever: the UNet in channels-last format")
+    p.add_argument("--attention", default="auto", help="speed lever: auto, flash, efficient, cudnn or math")
+    p.add_argument("--compile", default="off", help="speed lever: off, default, reduce-overhead or max-autotune")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default inductor; eager for a quick plumbing check on the CPU)")
+    p.add_argument("--flops", action="store_true",
+                   help="count a UNet call's FLOPs; report achieved TFLOP/s and the fraction of the device's peak")
     p.add_argument("--whole-process", action="store_true",
                    help="dhf-cache build vs a plain diffusers loop (bench/plain_build.py), whole processes, "
                         "quiet and loaded (tiny model; defaults 12 images, batch 1, 3 repetitions)")
@@ -132,6 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--breakdown-repeats and --warmup must be >= 0")
     if args.image_size % 8:
         p.error(f"--image-size must be a multiple of 8, got {args.image_size}")
+    if args.compile != "off":
+        if args.images % args.batch_size:  # the bare variant's batches are not padded
+            p.error(f"--compile: --images ({args.images}) must be a multiple of --batch-size ({args.batch_size})")
+        args.breakdown_repeats = 0  # the breakdown's timers wrap the hooks, which live inside the compiled graph
     if args.save_steps:
         args.save_steps = tuple(int(s) for s in args.save_steps.split(",") if s.strip())
     elif args.model == "sd15" and args.steps != 50:
@@ -269,12 +287,46 @@ def whole_process(args, work: Path, info: dict) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ FLOPs
+# Dense (no sparsity) fp16/bf16 tensor-core peak in TFLOP/s, from the vendors' data sheets; the
+# first key contained in torch's device name wins ($DHF_PEAK_TFLOPS overrides).
+PEAK_TFLOPS = {"H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4, "GH200": 989.4,
+               "A100": 312.0, "L40S": 362.1, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+               "RTX 4090": 165.2, "V100": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    import os
+
+    if os.environ.get("DHF_PEAK_TFLOPS"):
+        return float(os.environ["DHF_PEAK_TFLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def unet_flops(bench) -> float:
+    """FLOPs of one UNet call at the bench's batch size (torch's FlopCounterMode: matmuls,
+    convolutions and attention; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ext = bench.extractor
+    pixels, ids = bench.batches[0]
+    with torch.inference_mode():
+        x = ext.encode_latents(pixels, ids).float()
+        emb = ext.prompt_embedding.expand(x.shape[0], -1, -1)
+        with FlopCounterMode(display=False) as counter:
+            bench.unet(x.to(ext.dtype), torch.tensor(0, device=bench.device), encoder_hidden_states=emb)
+    return float(counter.get_total_flops())
+
+
 # ------------------------------------------------------------------------------------ the two variants
 class Bench:
     def __init__(self, args, work: Path, extractor, spec, request, records):
         from dhf_cache.config import BuildOptions
         from dhf_cache.datasets.images import load_image, preprocess
-        from dhf_cache.pipelines.build import batch_groups, _latent_shape
+        from dhf_cache.pipelines.build import batch_groups
 
         self.args = args
         self.work = work
@@ -284,9 +336,10 @@ class Bench:
         self.records = records
         self.device = extractor.device
         self.unet = extractor.backbone.unet
-        self.options = BuildOptions(batch_size=args.batch_size, device=str(self.device), progress=False)
+        self.options = BuildOptions(batch_size=args.batch_size, device=str(self.device), progress=False,
+                                    channels_last=args.channels_last, attention=args.attention, compile=args.compile)
         self.layer_table = extractor.layer_table()
-        self.latent_shape = _latent_shape(extractor)
+        self.latent_shape = extractor.latent_shape
         n_saved = len(self.spec.feature_space.save_steps)
         self.raw_bytes_per_image = sum(n_saved * l.channels * l.height * l.width * 2 for l in self.layer_table)
         self.n_caches = 0
@@ -299,8 +352,27 @@ class Bench:
         for group in batch_groups(records, index, args.batch_size):
             pixels = torch.stack([preprocess(load_image(r.path), pre.load_size, pre.image_size) for r in group])
             self.batches.append((pixels, [r.id for r in group]))
+        self.flops_per_call = unet_flops(self) if args.flops else None
         # The extractor registered its hooks when it was made; the bare runs must have none.
-        self.extractor.capture.remove()
+        self.compiled = args.compile != "off"
+        self.bare_unet = self.unet
+        if self.compiled:  # a copy without hooks for the bare runs, each compiled once (hooks change the graph)
+            import copy
+
+            from dhf_cache.sources.acceleration import accelerate
+
+            # torch.compile does not guard on module hooks by default: without this, the bare copy's
+            # graph (compiled from the same code) would later be taken for the hooked UNet too
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            self.bare_unet = copy.deepcopy(self.unet)
+            for module in self.bare_unet.modules():
+                module._forward_hooks.clear()
+            accelerate(self.bare_unet, args.channels_last, args.attention, args.compile, args.compile_backend)
+            extractor.accelerate(args.channels_last, args.attention, args.compile, args.compile_backend)
+        else:
+            self.extractor.capture.remove()
+            if args.channels_last or args.attention != "auto":
+                extractor.accelerate(args.channels_last, args.attention)
 
     def sync(self) -> None:
         synchronize(self.device)
@@ -336,7 +408,8 @@ class Bench:
         with Patches() as patches:
             if timers is not None:
                 self._instrument(patches, timers, cache)
-            self.extractor.capture = FeatureCapture(self.unet, self.spec.feature_space.layers)
+            if not self.compiled:  # compiled: the extractor's own capture stays (new hooks would recompile)
+                self.extractor.capture = FeatureCapture(self.unet, self.spec.feature_space.layers)
             try:
                 self.sync()
                 self._reset_peak()
@@ -345,7 +418,8 @@ class Bench:
                 self.sync()
                 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             finally:
-                self.extractor.capture.remove()
+                if not self.compiled:
+                    self.extractor.capture.remove()
         if result.failures or result.n_built != len(self.records):
             raise SystemExit(f"build wrote {result.n_built}/{len(self.records)} images; failures: {result.failures}")
         if timers is not None or self.last_info is None:
@@ -358,7 +432,7 @@ class Bench:
         """The same VAE encodes and UNet calls as the build, with nothing captured or written."""
         from dhf_cache.sources.sd.inversion import ddim_inversion_step
 
-        n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.unet.modules())
+        n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self.bare_unet.modules())
         if n_hooks:
             raise SystemExit(f"bare run: {n_hooks} hooks are still registered on the UNet")
         ext = self.extractor
@@ -366,7 +440,7 @@ class Bench:
         last_call = max(ext.save_positions)  # build_images makes exactly these calls
         sync = self.sync if timers is not None else None
         encode = timers.wrap("vae", ext.encode_latents, sync) if timers else ext.encode_latents
-        unet = timers.wrap("unet", self.unet, sync) if timers else self.unet
+        unet = timers.wrap("unet", self.bare_unet, sync) if timers else self.bare_unet
         self.sync()
         self._reset_peak()
         cpu_start, start = time.process_time(), time.perf_counter()
@@ -397,7 +471,7 @@ class Bench:
 
         ext, sync = self.extractor, self.sync
         patches.set(build_mod, "load_image", timers.wrap("load: decode", build_mod.load_image))
-        patches.set(build_mod, "preprocess", timers.wrap("load: preprocess", build_mod.preprocess))
+        patches.set(ext, "preprocess", timers.wrap("load: preprocess", ext.preprocess))
         patches.set(ext, "extract", timers.wrap("extract (all)", ext.extract, sync))
         patches.set(ext, "encode_latents", timers.wrap("vae", ext.encode_latents, sync))
         patches.set(ext, "invert", timers.wrap("invert (all)", ext.invert, sync))
@@ -568,18 +642,24 @@ def main(argv=None) -> int:
             "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
             "save_steps": list(args.save_steps), "unet_calls_per_batch": n_calls,
             "layers": len(spec.feature_space.layers), "repeats": args.repeats, "warmup": args.warmup,
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "channels_last": args.channels_last,
+            "attention": args.attention, "compile": args.compile,
         }
         print(
             f"config: {args.model} on {device} ({dtype_name}), {args.images} image(s) at {args.image_size} px, "
             f"batch {args.batch_size}, {n_calls} UNet calls per batch, {len(args.save_steps)} saved steps x "
             f"{config['layers']} layers; {args.repeats} A/B repetitions after {args.warmup} warm-up (setup {setup_s:.1f} s)"
+            f"; levers: channels_last={args.channels_last}, attention={args.attention}, compile={args.compile}"
         )
+        warm_start = time.perf_counter()
 
         for _ in range(args.warmup):
             bench.run_build()
             bench.run_bare()
 
+        warmup_s = time.perf_counter() - warm_start  # with --compile: the compilations
+        if args.compile != "off":
+            print(f"warm-up (compiling both variants' UNets): {warmup_s:.1f} s", flush=True)
         runs = {"build": [], "bare": []}
         ratios = []
         for rep in range(args.repeats):
@@ -616,6 +696,20 @@ def main(argv=None) -> int:
             "bare_cpu_seconds_median": median([r["cpu_seconds"] for r in runs["bare"]]),
             "cache_prepare_seconds_median": median([r["prepare_seconds"] for r in runs["build"]]),
         }
+        results["warmup_seconds"] = warmup_s
+        if bench.flops_per_call is not None:
+            flops = bench.flops_per_call * n_calls * len(bench.batches)  # the UNet calls of one run
+            results["unet_tflops_per_call"] = bench.flops_per_call / 1e12
+            results["bare_tflops_per_second"] = flops / bare_s / 1e12
+            results["build_tflops_per_second"] = flops / build_s / 1e12
+            peak = peak_tflops(device)
+            results["peak_tflops"] = peak
+            share = f" = {results['bare_tflops_per_second'] / peak:.1%} of the device's {peak:.0f} TFLOP/s dense peak" if peak else ""
+            if peak:
+                results["bare_fraction_of_peak"] = results["bare_tflops_per_second"] / peak
+            print(f"UNet FLOPs: {bench.flops_per_call / 1e9:.1f} GFLOP per call at batch {args.batch_size}; "
+                  f"bare {results['bare_tflops_per_second']:.2f} TFLOP/s{share}; build "
+                  f"{results['build_tflops_per_second']:.2f} TFLOP/s (UNet calls only)")
         if device.type == "cuda":
             results["peak_gpu_mb_build"] = max(r["peak_gpu_mb"] for r in runs["build"])
             results["peak_gpu_mb_bare"] = max(r["peak_gpu_mb"] for r in runs["bare"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's GPU figures on a lent device machine, in two halves (that machine has no network).
+# Issues 7 and 18's GPU figures on a lent device machine, in two halves (that machine has no network).
 #
 #   bash bench/gpu_device.sh fetch   # here: the wheels its image lacks -> .whl/ (git-ignored, ~19 MB)
 #   bash bench/gpu_device.sh check   # here: the same install into a scratch folder + a CPU plumbing run
@@ -8,9 +8,12 @@
 #                                    # copy docs/benchmarks.md, the JSONs and the log to $OUT
 #
 # With the device tool: run(command="bash bench/gpu_device.sh run", carry=[".whl"], timeout_s=590),
-# then give_back, then copy the returned benchmarks.md over docs/benchmarks.md here. A shorter run:
-# DHF_DEVICE_ONLY=gpu (benchmarks), DHF_BENCH_GPU_BATCHES=8,4 and DHF_BENCH_GPU_BUDGET=200 (seconds),
-# DHF_DEVICE_TESTS='pinned or cuda_build' (pytest -k), DHF_DEVICE_DEADLINE=300 (seconds in all).
+# then give_back, then copy the returned benchmarks.md over docs/benchmarks.md here. In order: the
+# training step (fp32, bf16; ~1.5 min), the build sweep of batch sizes and speed levers (stops
+# starting configurations at DHF_BENCH_GPU_BUDGET seconds, default 270), the SDXL and DINOv2
+# builds (~2 min), then the CUDA tests in the time left. A shorter run: DHF_DEVICE_ONLY=gpu
+# (benchmarks), DHF_BENCH_GPU_CONFIGS=8,32+cl and DHF_BENCH_GPU_BUDGET=200 (seconds),
+# DHF_DEVICE_TESTS='pinned or levers' (pytest -k), DHF_DEVICE_DEADLINE=300 (seconds in all).
 #
 # The device image ('cuda', python3 = Python 3.12 with torch, transformers 5.x, huggingface_hub 1.x,
 # numpy, scikit-image, matplotlib, typer ...; /work/.library/device/KINDS.md) lacks diffusers,
@@ -75,8 +78,9 @@ check)  # the device's recipe against a python3 that has no project packages (e.
     export PYTHONPATH=$site PYTHONUNBUFFERED=1
     preflight
     python3 bench/gpu_batches.py --device cpu --dtype float32 --model tiny --image-size 64 --steps 5 \
-        --batch-sizes 1,2 --json "$site/gpu.json"
+        --configs 1,2+cl+attn=math,2+compile=default --compile-backend eager --images 4 --json "$site/gpu.json"
     python3 bench/gpu_train_step.py --device cpu --size 32/16/8 --steps 2 --unet-calls 0
+    python3 bench/gpu_sources.py --device cpu --tiny --images 4 --batch-size 2
     PYTHONSAFEPATH=1 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_matching.py -k cuda ;;
 run)
     [[ -d .whl ]] || { echo "no .whl/ here: run 'bash bench/gpu_device.sh fetch' first and carry .whl" >&2; exit 2; }
@@ -91,10 +95,10 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/gpu.log" || true
     rc=0
     # the benchmarks first (the issue's figures), then the CUDA tests in the time that is left
-    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-350} python3 bench/run_all.py --only "${DHF_DEVICE_ONLY:-gpu-train,gpu}" 2>&1 \
-        | tee -a "$out/gpu.log" || rc=$?
+    DHF_BENCH_GPU_BUDGET=${DHF_BENCH_GPU_BUDGET:-270} python3 bench/run_all.py \
+        --only "${DHF_DEVICE_ONLY:-gpu-train,gpu,gpu-sources}" 2>&1 | tee -a "$out/gpu.log" || rc=$?
     cp docs/benchmarks.md "$out/benchmarks.md"
-    for f in gpu gpu-train; do
+    for f in gpu gpu-train gpu-sources; do
         if [[ -f bench-out/$f.json ]]; then cp "bench-out/$f.json" "$out/$f.json"; fi
     done
     left=$((deadline - SECONDS))

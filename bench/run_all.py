@@ -8,8 +8,9 @@ machine and the command that produced them. Benchmarks never run during `make te
     python bench/run_all.py                    # everything (~20 min on a 2-core CPU, +5 min to make demo-out if missing)
     python bench/run_all.py --only eval,codecs # a subset; the other sections keep their old text
     python bench/run_all.py --quick            # the quick variants, for checking the suite works
-    python bench/run_all.py --only gpu-train,gpu   # on a CUDA machine: SD 1.5 training step; build in fp16 at
-                                                   # batch 1, 2, 4, 8 (both skipped without CUDA)
+    python bench/run_all.py --only gpu-train,gpu,gpu-sources   # on a CUDA machine: SD 1.5 training step (fp32,
+                                      # bf16); build sweep of batch sizes and levers; SDXL and DINOv2 builds
+                                      # (all three skipped without CUDA)
 """
 
 from __future__ import annotations
@@ -62,14 +63,17 @@ BENCHMARKS = {
                 "2 workers / 1 worker >= 1.6"),
     "codecs": ("6. Storage codecs: bytes per image, throughput, error, PCK change",
                ["storage_codecs.py"], ["storage_codecs.py", "--keepbits", "5", "--no-sd15"], "recommendation"),
-    "gpu": ("1, 2, 7 on a GPU: SD 1.5-config UNet in fp16 at batch 1, 2, 4, 8",
-            ["gpu_batches.py"], ["gpu_batches.py", "--batch-sizes", "1,8", "--steps", "10"],
-            "images/s and peak GPU memory; the reference needs ~13.7 GB at batch 2"),
+    "gpu": ("1, 2, 7, 18 on a GPU: SD 1.5-config UNet, batch sizes to 32 and the speed levers",
+            ["gpu_batches.py"], ["gpu_batches.py", "--configs", "8,32+cl", "--steps", "10"],
+            "stored images/s >= 8 at 512 px, 50 calls; bare UNet >= 40% of the dense fp16 peak; build/bare <= 1.10"),
     "gpu-train": ("3, 7 on a GPU: a training step at the paper's size from SD 1.5-shaped cached features",
                   ["gpu_train_step.py"], ["gpu_train_step.py", "--steps", "3", "--unet-calls", "2"],
-                  "reference / cache step time; peak GPU memory of a training step and of eval's descriptor pass"),
+                  "reference / cache step time; training step <= 60 ms (fp32 and bf16); peak GPU memory"),
+    "gpu-sources": ("18 on a GPU: feature sources at their real sizes (SDXL 1024 px, DINOv2-base 224, -large 448)",
+                    ["gpu_sources.py"], ["gpu_sources.py", "--sources", "dinov2-base", "--images", "8"],
+                    "stored images/s and peak GPU memory per source"),
 }
-NEEDS_CUDA = {"gpu", "gpu-train"}  # left out of a full run on machines without CUDA (its old section stays)
+NEEDS_CUDA = {"gpu", "gpu-train", "gpu-sources"}  # left out of a full run on machines without CUDA (its old section stays)
 BEGIN, END = "<!-- bench:{} begin -->", "<!-- bench:{} end -->"
 
 

@@ -141,7 +141,9 @@ class Synthetic:
         with ThreadPoolExecutor(2) as writers:  # one writer per chunk, as eval's own writes
             list(writers.map(write, [i for i in range(len(self.ids)) if not done[i]]))
         self.write_seconds = time.perf_counter() - start
-        self.stored_bytes_per_image = _stored_bytes(url / "descriptors") / len(self.ids)
+        # the descriptor sets sit in the source's folder (format 2: sources/<name>/descriptors)
+        folder = next(p for p in sorted(url.rglob("descriptors")) if p.is_dir())
+        self.stored_bytes_per_image = _stored_bytes(folder) / len(self.ids)
 
     def pairs(self, n_pairs: int, n_images: int, seed: int) -> list:
         """`n_pairs` pairs over the first `n_images` images: a category at random (weighted by

@@ -6,7 +6,6 @@ the same with inductor and CUDA graphs on a GPU."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -16,28 +15,34 @@ import zarr
 from conftest import invoke, small_build_args, source_dir
 
 
-def plain_and_levers(tmp_path, mini_spair, tiny_model_dir, levers: dict, batch_size: int = 3):
-    """The plain build and one with `levers` (an extractor.accelerate call), in this process."""
+BATCH = 3  # over the 4 test images of mini_spair: the last batch is short (padded when compiled)
+
+
+def build(url: str, mini_spair, tiny_model_dir, levers: dict | None = None):
+    """The test split built in this process into `url`, with `levers` (extractor.accelerate's
+    arguments) or none; the source's Zarr group."""
     from dhf_cache.config import BuildOptions, Preprocessing
     from dhf_cache.datasets import open_dataset
     from dhf_cache.pipelines.build import BuildRequest, build_images, open_build, request_records
 
-    request = BuildRequest(dataset=open_dataset(f"spair:{mini_spair}"), cache_url="", model=str(tiny_model_dir),
+    request = BuildRequest(dataset=open_dataset(f"spair:{mini_spair}"), cache_url=url, model=str(tiny_model_dir),
                            split="test", steps=10, save_steps=(9, 5, 0), dtype="float32",
                            preprocessing=Preprocessing(load_size=64, image_size=64))
     records = request_records(request)
-    assert len(records) % batch_size, "the last batch must be short (it is padded when compiled)"
-    for name, accelerate in (("plain", None), ("levers", levers)):
-        url = str(tmp_path / f"{name}.zarr")
-        extractor, cache = open_build(dataclasses.replace(request, cache_url=url),
-                                      [r.id for r in records], "cpu", log=lambda _: None)
-        if accelerate:
-            extractor.accelerate(**accelerate)
-        compiled = accelerate is not None and levers.get("compile", "off") != "off"
-        options = BuildOptions(batch_size=batch_size, progress=False, compile="default" if compiled else "off")
-        result = build_images(extractor, cache, records, options, log=lambda _: None)
-        assert result.ok and result.n_built == len(records)
-    return [zarr.open_group(str(source_dir(tmp_path / f"{n}.zarr")), mode="r") for n in ("plain", "levers")]
+    assert len(records) % BATCH, "the last batch must be short"
+    extractor, cache = open_build(request, [r.id for r in records], "cpu", log=lambda _: None)
+    if levers:
+        extractor.accelerate(**levers)
+    compiled = bool(levers) and levers.get("compile", "off") != "off"
+    options = BuildOptions(batch_size=BATCH, progress=False, compile="default" if compiled else "off")
+    result = build_images(extractor, cache, records, options, log=lambda _: None)
+    assert result.ok and result.n_built == len(records)
+    return zarr.open_group(str(source_dir(url)), mode="r")
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, mini_spair, tiny_model_dir):
+    return build(str(tmp_path_factory.mktemp("plain") / "plain.zarr"), mini_spair, tiny_model_dir)
 
 
 def assert_same_within_fp16(plain, levers) -> None:
@@ -49,18 +54,17 @@ def assert_same_within_fp16(plain, levers) -> None:
     np.testing.assert_allclose(levers["latents"][:], plain["latents"][:], rtol=1e-5, atol=1e-6)
 
 
-def test_channels_last_and_the_math_kernel_store_the_plain_values(tmp_path, mini_spair, tiny_model_dir):
-    plain, levers = plain_and_levers(tmp_path, mini_spair, tiny_model_dir,
-                                     {"channels_last": True, "attention": "math"})
+def test_channels_last_and_the_math_kernel_store_the_plain_values(tmp_path, plain, mini_spair, tiny_model_dir):
+    levers = build(str(tmp_path / "levers.zarr"), mini_spair, tiny_model_dir, {"channels_last": True, "attention": "math"})
     assert_same_within_fp16(plain, levers)
 
 
-def test_a_compiled_unet_captures_every_saved_step_and_pads_the_short_batch(tmp_path, mini_spair, tiny_model_dir):
+def test_a_compiled_unet_captures_every_saved_step_and_pads_the_short_batch(tmp_path, plain, mini_spair, tiny_model_dir):
     """torch.compile traces the capture hooks (dynamo, eager backend); the UNet is compiled for one
     batch shape and capture never toggles, so the short last batch is padded, not recompiled."""
     torch._dynamo.reset()
-    plain, levers = plain_and_levers(tmp_path, mini_spair, tiny_model_dir,
-                                     {"compile": "default", "backend": "eager", "attention": "math"})
+    levers = build(str(tmp_path / "compiled.zarr"), mini_spair, tiny_model_dir,
+                   {"compile": "default", "backend": "eager", "attention": "math"})
     assert_same_within_fp16(plain, levers)
     counters = torch._dynamo.utils.counters["stats"]
     assert counters["unique_graphs"] == 1, dict(counters)  # one graph: no recompile for capture or the short batch

@@ -26,13 +26,19 @@ def test_a_cuda_build_stores_the_cpu_builds_features(tmp_path, mini_spair, tiny_
         args[args.index("--device") + 1] = device
         result = cli(*args, env={"NVIDIA_TF32_OVERRIDE": "0"})  # full fp32 on the GPU too
         assert result.returncode == 0, result.stderr[-2000:]
-    cpu, gpu = (zarr.open_group(str(source_dir(caches[d])), mode="r") for d in ("cpu", "cuda"))
-    np.testing.assert_allclose(gpu["latents"][:], cpu["latents"][:], rtol=1e-3, atol=1e-3)
-    for name, arr in cpu["features"].arrays():
-        a, b = arr[:].astype(np.float32), gpu["features"][name][:].astype(np.float32)
+    assert_same_features(caches["cpu"], caches["cuda"], latents_tolerance=1e-3)
+
+
+def assert_same_features(reference, other, latents_tolerance: float) -> None:
+    """Two caches of the same images: latents within the tolerance; every map finite and the same
+    up to 2% of its layer's range, correlation > 0.999 (the order of GPU sums, fp16 storage)."""
+    a_group, b_group = (zarr.open_group(str(source_dir(c)), mode="r") for c in (reference, other))
+    np.testing.assert_allclose(b_group["latents"][:], a_group["latents"][:], rtol=latents_tolerance,
+                               atol=latents_tolerance)
+    for name, arr in a_group["features"].arrays():
+        a, b = arr[:].astype(np.float32), b_group["features"][name][:].astype(np.float32)
         assert np.isfinite(b).all()
-        scale = np.abs(a).max()
-        assert np.abs(a - b).max() <= 0.02 * scale, name
+        assert np.abs(a - b).max() <= 0.02 * np.abs(a).max(), name
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999, name
 
 
@@ -48,13 +54,7 @@ def test_the_speed_levers_store_the_plain_cuda_builds_features(tmp_path, mini_sp
         args[args.index("--device") + 1] = "cuda"
         result = cli(*args, timeout=900)
         assert result.returncode == 0, result.stderr[-2000:]
-    plain, fast = (zarr.open_group(str(source_dir(caches[n])), mode="r") for n in ("plain", "levers"))
-    np.testing.assert_allclose(fast["latents"][:], plain["latents"][:], rtol=1e-2, atol=1e-2)
-    for name, arr in plain["features"].arrays():
-        a, b = arr[:].astype(np.float32), fast["features"][name][:].astype(np.float32)
-        assert np.isfinite(b).all()
-        assert np.abs(a - b).max() <= 0.02 * np.abs(a).max(), name
-        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999, name
+    assert_same_features(caches["plain"], caches["levers"], latents_tolerance=1e-2)
 
 
 def test_every_stage_runs_on_cuda(tmp_path):

@@ -46,6 +46,10 @@ COMPILE_ESTIMATE_S = 150  # a guess at inductor's two SD 1.5 UNet compilations o
 SWEEP = "8,32,32+cl,32+cl+compile=default,16,16+cl+compile=reduce-overhead,32+cl+bf16"
 
 
+class ConfigFailed(Exception):
+    """A configuration's process failed; the sweep goes on with the next one."""
+
+
 class Config:
     """One row of the sweep: a batch size and its levers, parsed from e.g. '32+cl+compile=default'."""
 
@@ -141,9 +145,10 @@ def run_config(args, config: Config, breakdown: bool, folder: Path, number: int)
                                                                        "warm-up"))]
     for line in keep:
         print("  " + line, flush=True)
-    if proc.returncode != 0:
+    if proc.returncode != 0:  # one failed configuration (e.g. a lever this torch cannot run) ends only itself
         print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{config.label}: build_overhead.py exited with {proc.returncode}")
+        raise ConfigFailed(f"{config.label}: build_overhead.py exited with {proc.returncode}: "
+                           + (proc.stderr.strip().splitlines() or ["no output"])[-1][:300])
     figures = json.loads(out.read_text())
     figures["wall_seconds"] = time.perf_counter() - start
     figures["images"] = images
@@ -156,7 +161,7 @@ def main(argv=None) -> int:
     print(describe_machine(machine_info(args.device)))
     print(f"device: {card}; {args.model}-config UNet and VAE (random weights), {args.image_size} px, "
           f"{args.steps} UNet calls per batch, METHOD.md's saved steps; dtype {args.dtype} unless bf16")
-    rows, skipped = [], []
+    rows, skipped, failed = [], [], []
     start, last = time.perf_counter(), None
     breakdown_done = False
     with tempfile.TemporaryDirectory(prefix="dhf-bench-gpu-") as tmp:
@@ -168,8 +173,14 @@ def main(argv=None) -> int:
                 skipped.append(config.label)
                 continue
             breakdown = not breakdown_done and not config.compiled
+            try:
+                figures = run_config(args, config, breakdown, Path(tmp), number)
+            except ConfigFailed as exc:
+                print(f"  FAILED: {exc}", flush=True)
+                failed.append(str(exc))
+                continue
             breakdown_done |= breakdown
-            last = run_config(args, config, breakdown, Path(tmp), number)
+            last = figures
             r = last["results"]
             rows.append({"config": config.label, "batch": config.batch, "images": last["images"],
                          "build_images_per_second": r["build_images_per_second"],
@@ -190,9 +201,13 @@ def main(argv=None) -> int:
               f"{gpu:>12} {row['warmup_seconds']:>9.1f}")
     if skipped:
         print(f"not run (--budget-seconds {args.budget_seconds:.0f}): {', '.join(skipped)}")
+    for line in failed:
+        print(f"failed: {line}")
+    if not rows:
+        raise SystemExit("no configuration ran")
     if args.json_out:
         write_json(args.json_out, {"machine": machine_info(args.device), "device": card, "rows": rows,
-                                   "skipped_configs": skipped,
+                                   "skipped_configs": skipped, "failed_configs": failed,
                                    "config": {k: v for k, v in vars(args).items() if k != "configs"},
                                    "configs": [c.label for c in args.configs]})
     best = max(rows, key=lambda row: row["build_images_per_second"])

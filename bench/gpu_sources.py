@@ -165,17 +165,26 @@ def main(argv=None) -> int:
     print(describe_machine(info))
     from dhf_cache.datasets.sample_data import PHOTOS, write_sample_data
 
-    rows = []
+    rows, failed = [], []
+    card = torch.cuda.get_device_name(0) if torch.device(args.device).type == "cuda" else "CPU"
+    print(f"device: {card}; random weights in each model's configuration, fp16 on CUDA", flush=True)
     with work_folder(None, "dhf-bench-gpu-sources-") as work:
         work = Path(work)
         data = work / "data"
         views = max(4, -(-(args.images + 32) // len(PHOTOS)))  # enough images for the largest warm-up batch too
         write_sample_data(data, seed=0, size=256, split_views={"trn": views}, photos=PHOTOS)
         for name in args.sources:
-            rows.append(measure(name, args, work, data))
+            try:
+                rows.append(measure(name, args, work, data))
+            except Exception as exc:  # noqa: BLE001 - one source's failure must not cost the others' figures
+                print(f"{name}: FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                failed.append(name)
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.empty_cache()
     if args.json_out:
-        write_json(args.json_out, {"machine": info, "rows": rows, "config": vars(args)})
-    card = torch.cuda.get_device_name(0) if torch.device(args.device).type == "cuda" else "CPU"
+        write_json(args.json_out, {"machine": info, "rows": rows, "failed": failed, "config": vars(args)})
+    if not rows:
+        raise SystemExit("no source was measured")
     print(f"{card}: " + "; ".join(
         f"{r['source']} {r['images_per_second']:.2f} images/s"
         + (f", {r['peak_gpu_mb'] / 1024:.1f} GiB" if r["peak_gpu_mb"] is not None else "") for r in rows))

@@ -59,6 +59,36 @@ def test_damaged_chunks_say_why_instead_of_falling_back_to_zarrs_fill_value(tmp_
         read_chunk(target, 1)
 
 
+def test_a_checksummed_chunk_of_another_size_is_refused(tmp_path, train_cache):
+    """A chunk whose bytes are intact (crc32c matches) but hold fewer values than the array's
+    chunk shape (a writer's bug) is refused, not half-read into the array."""
+    from numcodecs.zstd import Zstd
+
+    from dhf_cache.cache.direct_chunks import crc32c_bytes
+
+    url = tmp_path / "copy.zarr"
+    shutil.copytree(train_cache, url)
+    cache = FeatureCache.open(str(url))
+    target = direct_array(cache.feature_array(cache.layers[0].name))
+    short = np.zeros(int(np.prod(target.chunk_shape)) - 1, dtype="<f2")
+    body = Zstd(level=3).encode(short)
+    target.chunk_path(1).write_bytes(body + crc32c_bytes(np.frombuffer(body, np.uint8)))
+    with pytest.raises(ChunkProblem, match=f"holds {short.size} values"):
+        read_chunk(target, 1)
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 257, 65791, 65792, 2**20])
+def test_zstd_content_size_reads_every_size_field_width(size):
+    from numcodecs.zstd import Zstd
+
+    from dhf_cache.cache.direct_chunks import zstd_content_size
+
+    for level in (1, 3, 19):
+        frame = Zstd(level=level).encode(np.arange(size, dtype=np.uint64).astype(np.uint8))
+        assert zstd_content_size(np.frombuffer(frame, np.uint8)) == size
+    assert zstd_content_size(b"not a zstd frame") is None and zstd_content_size(b"") is None
+
+
 def test_other_codecs_and_layouts_are_not_read_directly(tmp_path):
     from zarr.codecs.numcodecs import BitRound
 

@@ -20,7 +20,7 @@ Build SD 1.5 features for SPair-71k's test images on a GPU (the paper's setting)
 
     dhf-cache build --dataset spair:/data/SPair-71k --split test --cache spair.zarr --batch-size 8
 
-The same with the GPU speed levers (stored values unchanged within fp16 rounding; which of them
+All of SPair-71k with the GPU speed levers (stored values unchanged within fp16 rounding; which of them
 pay on which card: docs/benchmarks.md, GPU section):
 
     dhf-cache build --dataset spair:/data/SPair-71k --cache spair.zarr --batch-size 16 --channels-last --compile reduce-overhead

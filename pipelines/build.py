@@ -118,10 +118,10 @@ def run_build(
     if options.limit:
         records = records[: options.limit]
     extractor, cache = open_build(request, [r.id for r in records], options.device, log)
-    accelerate_extractor(extractor, options, log)
     if options.prepare_only:
         log(f"cache {cache.url} ready for {len(records)} images; nothing built (--prepare-only)")
         return BuildResult(cache.url, len(records), 0, 0, [], time.perf_counter() - start)
+    accelerate_extractor(extractor, options, log)
     if options.shard is not None:
         shard, n_shards = options.shard
         records = shard_records(records, cache.index_of(), options.batch_size, shard, n_shards)
@@ -315,8 +315,9 @@ def shard_records(records: list[ImageRecord], index: dict[str, int], batch_size:
 
 def accelerate_extractor(extractor, options: BuildOptions, log: Callable[[str], None] = print) -> None:
     """Apply the run's speed levers (sources/acceleration.py) to the extractor's network."""
-    levers = {"channels_last": options.channels_last, "attention": options.attention, "compile": options.compile}
-    if levers != {"channels_last": False, "attention": "auto", "compile": "off"}:
+    names = ("channels_last", "attention", "compile")
+    levers = {name: getattr(options, name) for name in names}
+    if levers != {name: getattr(BuildOptions(), name) for name in names}:
         extractor.accelerate(**levers)
         log("speed levers: " + ", ".join(f"{k}={v}" for k, v in levers.items())
             + ("; the first batch compiles the network (minutes)" if options.compile != "off" else ""))

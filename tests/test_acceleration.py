@@ -92,3 +92,12 @@ def test_a_lever_the_device_lacks_is_one_line_before_the_model_loads(tmp_path, m
     assert line in result.output and "Traceback" not in result.output
     assert "no such directory" not in result.output  # refused before the model is looked for
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_the_cli_levers_reach_the_build(tmp_path, mini_spair, tiny_model_dir):
+    cache = tmp_path / "c.zarr"
+    result = invoke(*small_build_args(f"spair:{mini_spair}", cache, tiny_model_dir, "--limit", "2",
+                                      "--channels-last", "--attention", "math", "--json"))
+    assert result.exit_code == 0, result.output
+    assert "speed levers: channels_last=True, attention=math, compile=off" in result.output
+    assert '"n_built": 2' in result.output

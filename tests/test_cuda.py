@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import cli, small_build_args, source_dir
+from conftest import SMALL_NET, cli, small_build_args, source_dir
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -55,6 +55,23 @@ def test_the_speed_levers_store_the_plain_cuda_builds_features(tmp_path, mini_sp
         result = cli(*args, timeout=900)
         assert result.returncode == 0, result.stderr[-2000:]
     assert_same_features(caches["plain"], caches["levers"], latents_tolerance=1e-2)
+
+
+def test_bf16_training_on_cuda_tracks_fp32(tmp_path, train_cache, train_data):
+    """--precision bf16 on the GPU (autocast, bf16 tensor cores): the same start and pairs give
+    losses within 2% of fp32's over a few steps, and the run records its precision."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        result = cli("train", "--cache", train_cache, "--dataset", f"spair:{train_data}", "--out", str(run),
+                     "--steps", "5", "--val-split", "", "--device", "cuda", "--no-progress", "--precision", precision,
+                     *SMALL_NET, env={"NVIDIA_TF32_OVERRIDE": "0"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[precision] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                             if '"loss"' in line]
+        assert json.loads((run / "config.json").read_text())["training"]["options"]["precision"] == precision
+    assert losses["bf16"] != losses["fp32"]
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.02)
 
 
 def test_every_stage_runs_on_cuda(tmp_path):

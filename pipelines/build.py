@@ -8,6 +8,7 @@ records; the build goes on and reports them at the end.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -346,7 +347,7 @@ def build_images(
     )
     failures: list[tuple[str, str]] = []
     writer = _Writer(cache, failures, progress_bar(len(todo), "build", unit="img", enabled=options.progress),
-                     depth=2 * options.batch_size, failed_before=plan.failed_before)
+                     depth=writer_depth(options.batch_size, cache.raw_bytes_per_image), failed_before=plan.failed_before)
     interrupted = False
     try:
         for group in groups:
@@ -385,6 +386,19 @@ def build_images(
         writer.close()
     return BuildResult(cache.url, len(records), n_skipped, writer.n_written, failures,
                        time.perf_counter() - start, interrupted)
+
+
+def writer_depth(batch_size: int, bytes_per_image: int, memory_bytes: int | None = None) -> int:
+    """Images the writer may hold queued: two batches, so the model never waits on a write while
+    the writer keeps up, but no more than a quarter of the machine's memory (two SD 1.5 batches
+    of 32 are ~10 GB of maps beside the batch in flight) and never less than one batch."""
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):  # no sysconf (Windows): two batches
+            return 2 * batch_size
+    fits = (memory_bytes // 4) // max(1, bytes_per_image)
+    return max(batch_size, min(2 * batch_size, fits))
 
 
 def batch_groups(records: list[ImageRecord], index: dict[str, int], size: int) -> list[list[ImageRecord]]:

@@ -386,3 +386,13 @@ def test_verify_finds_a_flipped_byte_and_repair_plus_rebuild_restores_it(tmp_pat
     assert rebuilt.exit_code == 0 and json.loads(rebuilt.stdout)["n_built"] == 2
     assert invoke("verify", str(cache)).exit_code == 0
     assert np.array_equal(FeatureCache.open(str(cache)).read_features(2)["up_blocks.2.resnets.1"], before)
+
+
+def test_the_writer_queue_holds_two_batches_within_a_quarter_of_memory():
+    from dhf_cache.pipelines.build import writer_depth
+
+    sd15 = 156_794_880  # bytes of one SD 1.5 image's maps (METHOD.md)
+    assert writer_depth(8, sd15, memory_bytes=128 * 2**30) == 16  # two batches fit easily
+    assert writer_depth(32, sd15, memory_bytes=32 * 2**30) == 54  # 8 GiB: 54 images, not 64
+    assert writer_depth(32, sd15, memory_bytes=8 * 2**30) == 32  # never less than one batch
+    assert writer_depth(1, 1000) == 2  # this machine's memory read, two batches of small maps

@@ -66,19 +66,6 @@ from _common import (Patches, Timers, describe_machine, interleaved_processes, m
 
 TARGET = 1.10
 
-# SD 1.5's VAE config (diffusers' AutoencoderKL as shipped in stable-diffusion-v1-5/vae).
-SD15_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "latent_channels": 4,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
 # The prompt embedding is computed once, so only the width (768, what the UNet cross-attends
 # to) matters; one layer keeps construction fast.
 SD15_TEXT_CONFIG = {
@@ -215,7 +202,7 @@ def sd15_extractor(args, dataset, device: torch.device):
     from dhf_cache.config import ModelIdentity, Preprocessing
     from dhf_cache.sources.sd.extract import FeatureExtractor
     from dhf_cache.pipelines.build import BuildRequest, make_spec
-    from dhf_cache.sources.sd.tiny_model import build_sd15_unet, build_tokenizer
+    from dhf_cache.sources.sd.tiny_model import SD15_VAE_CONFIG, build_sd15_unet, build_tokenizer
 
     quiet_libraries()
     dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device.type == "cuda" else "float32")

@@ -59,7 +59,7 @@ def write_sdxl_config(folder: Path, device: str = "cpu") -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from dhf_cache.sources.sdxl import SDXL_UNET_CONFIG, build_tiny_sdxl_pipeline
+    from dhf_cache.sources.sdxl import SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
 
@@ -73,10 +73,7 @@ def write_sdxl_config(folder: Path, device: str = "cpu") -> Path:
     torch.manual_seed(0)
     with torch.device(device):
         pipe.unet = UNet2DConditionModel(**SDXL_UNET_CONFIG).to(torch.float16)
-    pipe.vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                             layers_per_block=2, latent_channels=4, sample_size=1024, scaling_factor=0.13025,
-                             force_upcast=True)
+    pipe.vae = AutoencoderKL(**SDXL_VAE_CONFIG)
     pipe.text_encoder = text(CLIPTextModel, pipe.tokenizer, 768, 12)
     pipe.text_encoder_2 = text(CLIPTextModelWithProjection, pipe.tokenizer_2, 1280, 20)
     pipe.to(torch.float16).save_pretrained(folder, safe_serialization=True)

@@ -30,7 +30,7 @@ from dhf_cache.sources.loading import load_hub_id, quiet_libraries, weights_sha2
 from dhf_cache.sources.sd.capture import resnet_names
 from dhf_cache.config import Frozen
 from dhf_cache.errors import ModelNotFoundError, UsageError, first_line
-from dhf_cache.sources.sd.tiny_model import TINY_TEXT_CONFIG, TINY_VAE_CONFIG, build_tokenizer
+from dhf_cache.sources.sd.tiny_model import SD15_VAE_CONFIG, TINY_TEXT_CONFIG, TINY_VAE_CONFIG, build_tokenizer
 
 SDXL_MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 N_TIME_IDS = 6  # original (h, w) + crop corner (top, left) + target (h, w)
@@ -87,6 +87,9 @@ SDXL_UNET_CONFIG = {
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,  # 6 * 256 + 1280
 }
+
+# SDXL base's VAE: SD's network at 1024 px with its own scaling factor, run in fp32 (force_upcast).
+SDXL_VAE_CONFIG = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 
 # The scheduler SDXL base ships (Euler, epsilon); the inversion uses its own DDIM settings.
 SDXL_SCHEDULER_CONFIG = {

@@ -74,6 +74,16 @@ SD15_UNET_CONFIG = {
     "attention_head_dim": 8,
 }
 
+# SD 1.5's VAE config (diffusers' AutoencoderKL as shipped in stable-diffusion-v1-5/vae), for
+# benchmarks with random weights; SDXL's VAE is the same network (sdxl.SDXL_VAE_CONFIG).
+SD15_VAE_CONFIG = {
+    **TINY_VAE_CONFIG,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+
 # The scheduler shipped with SD 1.5 (the build uses METHOD.md's own DDIM settings regardless).
 SD15_SCHEDULER_CONFIG = {
     "beta_start": 0.00085,

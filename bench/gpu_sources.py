@@ -104,9 +104,10 @@ def write_model(name: str, work: Path, tiny: bool, device: str) -> Path:
 
 
 def measure(name: str, args, work: Path, data: Path) -> dict:
+    from dhf_cache.cache.feature_cache import FeatureCache
     from dhf_cache.config import BuildOptions, Preprocessing
     from dhf_cache.datasets import open_dataset
-    from dhf_cache.pipelines.build import BuildRequest, build_images, open_build
+    from dhf_cache.pipelines.build import BuildRequest, build_images, load_extractor
 
     family, size, batch = SOURCES[name]
     size = (64 if family == "sdxl" else 56) if args.tiny else size
@@ -123,13 +124,16 @@ def measure(name: str, args, work: Path, data: Path) -> dict:
     figures = {"source": name, "image_size": size, "batch_size": batch, "images": args.images,
                "model_written_seconds": written_s}
     options = BuildOptions(batch_size=batch, device=args.device, progress=False)
+    request = BuildRequest(dataset=dataset, cache_url="unused", model=str(model), family=family,
+                           dtype="float16" if cuda else "float32",
+                           preprocessing=Preprocessing(load_size=size, image_size=size), **extra)
+    start = time.perf_counter()
+    extractor, spec = load_extractor(request, args.device, lambda _: None)  # once for both builds
+    loaded_s = time.perf_counter() - start
+    layer_table = extractor.layer_table()
     for attempt, chosen in (("warm-up", records[-batch:]), ("measured", records[:args.images])):
-        request = BuildRequest(dataset=dataset, cache_url=str(work / f"{name}-{attempt}.zarr"), model=str(model),
-                               family=family, dtype="float16" if cuda else "float32",
-                               preprocessing=Preprocessing(load_size=size, image_size=size), **extra)
-        start = time.perf_counter()
-        extractor, cache = open_build(request, [r.id for r in chosen], args.device, lambda _: None)
-        loaded_s = time.perf_counter() - start
+        cache = FeatureCache.prepare(str(work / f"{name}-{attempt}.zarr"), spec, layer_table, extractor.timesteps,
+                                     [r.id for r in chosen], latent_shape=extractor.latent_shape)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -138,9 +142,9 @@ def measure(name: str, args, work: Path, data: Path) -> dict:
         seconds = time.perf_counter() - start
         if not result.ok:
             raise SystemExit(f"{name}: the {attempt} build failed: {result.failures[:2]}")
-        del extractor
-        if cuda:
-            torch.cuda.empty_cache()
+    del extractor
+    if cuda:
+        torch.cuda.empty_cache()
     info = cache.info()
     figures.update({"load_seconds": loaded_s, "build_seconds": seconds, "images_per_second": args.images / seconds,
                     "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,

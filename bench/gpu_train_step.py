@@ -121,7 +121,9 @@ def unet_call(args, device: torch.device, memory: GpuMemory) -> dict:
             "unet_dtype": str(dtype).replace("torch.", ""), "peak_gpu_mb_unet": peak}
 
 
-def network(args, device: torch.device, memory: GpuMemory, precision: str = "fp32") -> dict:
+def network(args, device: torch.device, memory: GpuMemory, precisions: list[str]) -> dict:
+    """Training steps once per precision, each from the same start on the same inputs; then the
+    input transfer and eval's descriptor pass, once."""
     from dhf_cache.aggregator.network import AggregationNetwork
     from dhf_cache.pipelines.train import StepInputs, _Example, _train_step
 
@@ -131,21 +133,24 @@ def network(args, device: torch.device, memory: GpuMemory, precision: str = "fp3
     grid = args.grid
     batch = [_Example(None, torch.randint(0, grid, (args.keypoints, 2), generator=gen),
                       torch.randint(0, grid, (args.keypoints, 2), generator=gen))]
-    torch.manual_seed(args.seed)
-    net = AggregationNetwork(layers, 11, args.dim, grid, args.groups).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    net.train()
-    times, losses = [], []
-    staging = StepInputs(device)  # as run_train: host buffers reused from step to step
-    memory.reset()
-    for i in range(args.steps + 2):  # 2 warm-up steps
-        synchronize(device)
-        start = time.perf_counter()
-        losses.append(_train_step(net, opt, batch, feats, device, staging, precision))  # float(loss) synchronises
-        synchronize(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    step_peak = memory.peak_mb()
+    steps = {}
+    for precision in precisions:
+        torch.manual_seed(args.seed)
+        net = AggregationNetwork(layers, 11, args.dim, grid, args.groups).to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        net.train()
+        times, losses = [], []
+        staging = StepInputs(device)  # as run_train: host buffers reused from step to step
+        memory.reset()
+        for i in range(args.steps + 2):  # 2 warm-up steps
+            synchronize(device)
+            start = time.perf_counter()
+            losses.append(_train_step(net, opt, batch, feats, device, staging, precision))  # float(loss) synchronises
+            synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        steps[precision] = {"network_step_seconds": median(times), "network_steps": times, "losses": losses,
+                            "peak_gpu_mb_train_step": memory.peak_mb()}
     transfer = input_transfer(net.layer_names, feats, device)
     net.eval()
     describe = []
@@ -163,9 +168,8 @@ def network(args, device: torch.device, memory: GpuMemory, precision: str = "fp3
     n_params = sum(p.numel() for p in net.parameters())
     del net, opt, feats
     gc.collect()
-    return {"network_step_seconds": median(times), "network_steps": times, "losses": losses, "parameters": n_params,
-            "peak_gpu_mb_train_step": step_peak, "describe_seconds_per_image": median(describe),
-            "peak_gpu_mb_describe": describe_peak, **transfer}
+    return {**steps[precisions[0]], "steps": steps, "parameters": n_params,
+            "describe_seconds_per_image": median(describe), "peak_gpu_mb_describe": describe_peak, **transfer}
 
 
 def input_transfer(names, feats, device: torch.device, repeats: int = 5) -> dict:
@@ -244,21 +248,18 @@ def main(argv=None) -> int:
     read["read_seconds_two_images"] = 2 * read["raw_bytes_per_image"] / 1e6 / best["mb_per_second"]  # the loader's pace
     precisions = [p for p in args.precisions
                   if not (p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported())]
-    steps = {}
-    for precision in precisions:
-        steps[precision] = network(args, device, memory, precision)
-        one = steps[precision]
-        print(f"training step, {precision} ({one['parameters']:,} parameters, {args.keypoints} keypoints): "
+    net = network(args, device, memory, precisions)
+    steps = net["steps"]
+    for precision, one in steps.items():
+        print(f"training step, {precision} ({net['parameters']:,} parameters, {args.keypoints} keypoints): "
               f"{one['network_step_seconds'] * 1000:.1f} ms (median of {args.steps}); peak GPU memory "
               f"{fmt_mb(one['peak_gpu_mb_train_step'])}; loss {one['losses'][0]:.3f} -> {one['losses'][-1]:.3f}",
               flush=True)
-    net = steps[precisions[0]]
     if "bf16" in steps and "fp32" in steps:  # same start, same inputs: how far autocast moves the losses
         a, b = steps["fp32"]["losses"], steps["bf16"]["losses"]
         drift = max(abs(x - y) / abs(x) for x, y in zip(a, b))
         speedup = steps["fp32"]["network_step_seconds"] / steps["bf16"]["network_step_seconds"]
-        net["bf16"] = {k: steps["bf16"][k] for k in ("network_step_seconds", "peak_gpu_mb_train_step", "losses")}
-        net["bf16"].update({"speedup_over_fp32": speedup, "max_relative_loss_difference": drift})
+        steps["bf16"].update({"speedup_over_fp32": speedup, "max_relative_loss_difference": drift})
         print(f"  bf16 step speed / fp32's: {speedup:.2f}x; losses of the {len(a)} steps within {drift * 100:.2f}% of "
               "fp32's", flush=True)
     fastest = min(one["network_step_seconds"] for one in steps.values())
